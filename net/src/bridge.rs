@@ -1,0 +1,1 @@
+//! (host-prep helper) placeholder

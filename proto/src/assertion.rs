@@ -1,0 +1,1 @@
+//! (IMS helper) placeholder

@@ -1,0 +1,1 @@
+//! (agent helper) placeholder
