@@ -1,0 +1,2 @@
+//! host-prep binary (placeholder until the CLI lands).
+fn main() {}

@@ -1,0 +1,369 @@
+//! Sans-IO core of host-prep's Router Advertisement sender.
+//!
+//! The sender runs on the source host's no-uplink bridge while a VM's standby
+//! NIC is being prepared: it sends an initial burst of RAs, then periodic RAs,
+//! answers every Router Solicitation at once (rate limited), and, when
+//! stopped, sends one final RA with router lifetime 0 (RFC 4861 §6.2.5).
+//!
+//! No socket and no clock here: time comes in as `now`, packets go out as
+//! [`Transmit`]s that the I/O loop ([`crate::ra_io`]) turns into bytes.
+
+use std::collections::VecDeque;
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+/// `ff02::1`, all-nodes multicast.
+pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+
+/// Timing of the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaTiming {
+    /// Interval of unsolicited RAs after the initial burst.
+    pub interval: Duration,
+    /// Number of RAs in the initial burst (at least 1).
+    pub initial_count: u32,
+    /// Gap between RAs of the initial burst.
+    pub initial_interval: Duration,
+    /// Minimum gap between two solicited RAs; solicitations inside the gap
+    /// are answered by one multicast RA at its end.
+    pub min_solicited_gap: Duration,
+}
+
+impl From<&crate::config::RaSettings> for RaTiming {
+    fn from(s: &crate::config::RaSettings) -> Self {
+        Self {
+            interval: Duration::from_millis(s.interval_ms.max(1)),
+            initial_count: s.initial_count.max(1),
+            initial_interval: Duration::from_millis(s.initial_interval_ms.max(1)),
+            min_solicited_gap: Duration::from_millis(s.min_solicited_gap_ms),
+        }
+    }
+}
+
+/// Why an RA is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Part of the initial burst.
+    Initial,
+    /// Periodic unsolicited RA.
+    Periodic,
+    /// Answer to a Router Solicitation.
+    Solicited,
+    /// Last RA, router lifetime 0: this router is going away.
+    Final,
+}
+
+/// One RA to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// IPv6 destination (all-nodes or the soliciting node).
+    pub dst: Ipv6Addr,
+    /// Why it is sent; `Final` means router lifetime 0.
+    pub reason: Reason,
+}
+
+/// Sender phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Sending the initial burst; `sent` RAs of it are out.
+    Initial {
+        /// RAs of the burst sent so far.
+        sent: u32,
+    },
+    /// Sending periodic RAs.
+    Periodic,
+    /// Stopped; the final RA has been queued.
+    Stopped,
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RaStats {
+    /// Unsolicited RAs (initial + periodic).
+    pub unsolicited: u64,
+    /// Solicited RAs.
+    pub solicited: u64,
+    /// Router Solicitations seen.
+    pub solicitations: u64,
+}
+
+/// The RA sender state machine.
+#[derive(Debug)]
+pub struct RaSender {
+    timing: RaTiming,
+    phase: Phase,
+    next_unsolicited: Option<Instant>,
+    last_solicited: Option<Instant>,
+    deferred_solicited: Option<Instant>,
+    queue: VecDeque<Transmit>,
+    stats: RaStats,
+}
+
+impl RaSender {
+    /// A sender whose first RA is due at `now`.
+    pub fn new(timing: RaTiming, now: Instant) -> Self {
+        Self {
+            timing,
+            phase: Phase::Initial { sent: 0 },
+            next_unsolicited: Some(now),
+            last_solicited: None,
+            deferred_solicited: None,
+            queue: VecDeque::new(),
+            stats: RaStats::default(),
+        }
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RaStats {
+        self.stats
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.next_unsolicited, self.deferred_solicited) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Advance time: queue the RAs that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(at) = self.deferred_solicited {
+            if at <= now {
+                self.deferred_solicited = None;
+                self.send_solicited(ALL_NODES, now);
+            }
+        }
+        let Some(due) = self.next_unsolicited else {
+            return;
+        };
+        if due > now {
+            return;
+        }
+        match self.phase {
+            Phase::Initial { sent } => {
+                self.push(ALL_NODES, Reason::Initial);
+                self.stats.unsolicited += 1;
+                let sent = sent + 1;
+                if sent >= self.timing.initial_count {
+                    self.phase = Phase::Periodic;
+                    self.next_unsolicited = Some(now + self.timing.interval);
+                } else {
+                    self.phase = Phase::Initial { sent };
+                    self.next_unsolicited = Some(now + self.timing.initial_interval);
+                }
+            }
+            Phase::Periodic => {
+                self.push(ALL_NODES, Reason::Periodic);
+                self.stats.unsolicited += 1;
+                self.next_unsolicited = Some(now + self.timing.interval);
+            }
+            Phase::Stopped => self.next_unsolicited = None,
+        }
+    }
+
+    /// A Router Solicitation from `src` arrived at `now`.
+    ///
+    /// Answered at once, unicast to the solicitor (multicast when the source
+    /// is unspecified), unless another solicited RA went out less than
+    /// `min_solicited_gap` ago: then one multicast RA goes out at the end of
+    /// the gap for all solicitations inside it.
+    pub fn handle_rs(&mut self, src: Ipv6Addr, now: Instant) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        self.stats.solicitations += 1;
+        let dst = if src.is_unspecified() { ALL_NODES } else { src };
+        match self.last_solicited {
+            Some(last) if now < last + self.timing.min_solicited_gap => {
+                if self.deferred_solicited.is_none() {
+                    self.deferred_solicited = Some(last + self.timing.min_solicited_gap);
+                }
+            }
+            _ => self.send_solicited(dst, now),
+        }
+    }
+
+    /// Stop: queue the final RA (router lifetime 0) and never send again.
+    pub fn stop(&mut self) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        self.phase = Phase::Stopped;
+        self.next_unsolicited = None;
+        self.deferred_solicited = None;
+        self.queue.clear();
+        self.push(ALL_NODES, Reason::Final);
+    }
+
+    /// Next RA to put on the wire.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.queue.pop_front()
+    }
+
+    fn send_solicited(&mut self, dst: Ipv6Addr, now: Instant) {
+        self.last_solicited = Some(now);
+        self.stats.solicited += 1;
+        self.push(dst, Reason::Solicited);
+    }
+
+    fn push(&mut self, dst: Ipv6Addr, reason: Reason) {
+        self.queue.push_back(Transmit { dst, reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn timing() -> RaTiming {
+        RaTiming {
+            interval: Duration::from_secs(1),
+            initial_count: 3,
+            initial_interval: Duration::from_millis(100),
+            min_solicited_gap: Duration::from_millis(20),
+        }
+    }
+
+    fn drain(s: &mut RaSender) -> Vec<Transmit> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    /// Run the sender from `start` to `end`, following its timeouts, and
+    /// return the times and kinds of the RAs it sent.
+    fn run_until(s: &mut RaSender, start: Instant, end: Instant) -> Vec<(Duration, Reason)> {
+        let mut out = Vec::new();
+        while let Some(t) = s.poll_timeout() {
+            if t > end {
+                break;
+            }
+            s.handle_timeout(t);
+            for tx in drain(s) {
+                out.push((t - start, tx.reason));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn initial_burst_then_periodic() {
+        let t0 = Instant::now();
+        let mut s = RaSender::new(timing(), t0);
+        assert_eq!(s.poll_timeout(), Some(t0));
+        let sent = run_until(&mut s, t0, t0 + Duration::from_millis(3_250));
+        let ms: Vec<(u128, Reason)> = sent.iter().map(|(d, r)| (d.as_millis(), *r)).collect();
+        assert_eq!(
+            ms,
+            vec![
+                (0, Reason::Initial),
+                (100, Reason::Initial),
+                (200, Reason::Initial),
+                (1_200, Reason::Periodic),
+                (2_200, Reason::Periodic),
+                (3_200, Reason::Periodic),
+            ]
+        );
+        assert_eq!(s.phase(), Phase::Periodic);
+        assert_eq!(s.stats().unsolicited, 6);
+    }
+
+    #[test]
+    fn nothing_before_due() {
+        let t0 = Instant::now();
+        let mut s = RaSender::new(timing(), t0 + Duration::from_millis(5));
+        s.handle_timeout(t0);
+        assert!(s.poll_transmit().is_none());
+        s.handle_timeout(t0 + Duration::from_millis(5));
+        assert_eq!(s.poll_transmit().map(|t| t.reason), Some(Reason::Initial));
+    }
+
+    #[test]
+    fn rs_answered_at_once_unicast() {
+        let t0 = Instant::now();
+        let mut s = RaSender::new(timing(), t0);
+        s.handle_timeout(t0);
+        drain(&mut s);
+        let node: Ipv6Addr = "fe80::5054:ff:fe00:2".parse().unwrap();
+        let t1 = t0 + Duration::from_millis(50);
+        s.handle_rs(node, t1);
+        assert_eq!(
+            drain(&mut s),
+            vec![Transmit {
+                dst: node,
+                reason: Reason::Solicited
+            }]
+        );
+        // Unspecified source (a node without an address yet): multicast.
+        s.handle_rs(Ipv6Addr::UNSPECIFIED, t1 + Duration::from_millis(30));
+        assert_eq!(drain(&mut s)[0].dst, ALL_NODES);
+        assert_eq!(s.stats().solicited, 2);
+    }
+
+    #[test]
+    fn rs_flood_is_rate_limited_and_coalesced() {
+        let t0 = Instant::now();
+        let mut s = RaSender::new(timing(), t0 + Duration::from_secs(100));
+        let node: Ipv6Addr = "fe80::1:2".parse().unwrap();
+        s.handle_rs(node, t0);
+        assert_eq!(drain(&mut s).len(), 1);
+        for i in 1..10 {
+            s.handle_rs(node, t0 + Duration::from_millis(i));
+        }
+        assert!(drain(&mut s).is_empty(), "no answer inside the gap");
+        let due = t0 + Duration::from_millis(20);
+        assert_eq!(s.poll_timeout(), Some(due));
+        s.handle_timeout(due);
+        assert_eq!(
+            drain(&mut s),
+            vec![Transmit {
+                dst: ALL_NODES,
+                reason: Reason::Solicited
+            }]
+        );
+        assert_eq!(s.stats().solicitations, 10);
+        assert_eq!(s.stats().solicited, 2);
+        // The periodic schedule is untouched by the flood.
+        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn stop_sends_one_final_ra_then_silence() {
+        let t0 = Instant::now();
+        let mut s = RaSender::new(timing(), t0);
+        s.handle_timeout(t0);
+        s.handle_rs("fe80::9".parse().unwrap(), t0);
+        s.stop();
+        assert_eq!(
+            drain(&mut s),
+            vec![Transmit {
+                dst: ALL_NODES,
+                reason: Reason::Final
+            }]
+        );
+        assert_eq!(s.poll_timeout(), None);
+        s.handle_rs("fe80::9".parse().unwrap(), t0 + Duration::from_secs(1));
+        s.handle_timeout(t0 + Duration::from_secs(10));
+        assert!(s.poll_transmit().is_none());
+        s.stop();
+        assert!(s.poll_transmit().is_none(), "stop is idempotent");
+    }
+
+    #[test]
+    fn timing_from_settings_clamps_zero() {
+        let cfg = crate::config::RaSettings {
+            interval_ms: 0,
+            initial_count: 0,
+            initial_interval_ms: 0,
+            min_solicited_gap_ms: 0,
+        };
+        let t = RaTiming::from(&cfg);
+        assert_eq!(t.initial_count, 1);
+        assert_eq!(t.interval, Duration::from_millis(1));
+    }
+}
