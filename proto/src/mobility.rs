@@ -1,1 +1,2190 @@
-//! (agent helper) placeholder
+//! Movement detection and handover for the guest agent, sans-IO.
+//!
+//! [`Mobility`] owns the per-interface state (`Down | Unconfigured | Standby |
+//! Active`), the node's own binding at the IMS (sequence numbers, retransmission
+//! with backoff, stale-sequence resync), the direct notification of peers after
+//! a move, and the table of the peers' bindings that feeds the translation maps.
+//!
+//! Inputs carry an explicit `now`: link events ([`Mobility::handle_link`]),
+//! address events ([`Mobility::handle_address_removed`]), Router Advertisements
+//! ([`Mobility::handle_ra`]), IMS replies ([`Mobility::handle_ims_reply`]), peer
+//! acknowledgements ([`Mobility::handle_peer_ack`]), peer bindings
+//! ([`Mobility::handle_peer_binding`]) and timers ([`Mobility::handle_timeout`]).
+//! Outputs are [`Action`]s drained with [`Mobility::poll_action`]; the next timer
+//! is [`Mobility::poll_timeout`]. Nothing here touches a socket, a clock or
+//! netlink, so the whole handover sequence is unit-tested with a fake clock.
+//!
+//! The switch path is ordered make-before-break: the new active route is
+//! installed first (the data path moves), then the unsolicited Neighbor
+//! Advertisement and the one-datagram IMS activation go out, and only then is
+//! the old attachment torn down. Peers are notified as soon as the IMS ack
+//! carries the IMS-signed assertion for the new binding.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv6Addr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Kernel interface index.
+pub type IfIndex = u32;
+
+/// Which NIC of the VM an interface is. The roles only break ties (the primary
+/// wins when both links come up at once); after a migration the secondary is
+/// the active one and the primary becomes the next standby.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The NIC that is normally active at boot.
+    Primary,
+    /// The NIC that host-prep prepares with the destination network.
+    Secondary,
+}
+
+/// One managed interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IfaceConfig {
+    /// Kernel interface index.
+    pub ifindex: IfIndex,
+    /// Interface name (used by the translation map `own_src`).
+    pub name: String,
+    /// The NIC's MAC address; the MoA's interface identifier is its EUI-64.
+    pub mac: [u8; 6],
+    /// Primary or secondary.
+    pub role: Role,
+    /// Link-local addresses of routers whose RAs are accepted on this link.
+    /// Empty means any link-local router.
+    pub allowed_routers: Vec<Ipv6Addr>,
+}
+
+/// Timers and knobs of the state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timers {
+    /// Interval between Router Solicitation retransmissions.
+    pub rs_interval: Duration,
+    /// Solicitations sent per link-up (the first one at once).
+    pub rs_max: u32,
+    /// First IMS update retransmission timeout; doubles per try.
+    pub ims_rto_initial: Duration,
+    /// Ceiling of the IMS retransmission timeout.
+    pub ims_rto_max: Duration,
+    /// First peer-notification retransmission timeout; doubles per try.
+    pub notify_rto_initial: Duration,
+    /// Notifications sent to one peer before giving up (the IMS watch still
+    /// tells it).
+    pub notify_max_tries: u32,
+    /// Binding lifetime requested from the IMS, seconds.
+    pub binding_lifetime_s: u32,
+    /// Route metric of the active interface's routes.
+    pub active_metric: u32,
+    /// Route metric of the standby interface's routes.
+    pub standby_metric: u32,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            rs_interval: Duration::from_millis(250),
+            rs_max: 4,
+            ims_rto_initial: Duration::from_millis(100),
+            ims_rto_max: Duration::from_secs(4),
+            notify_rto_initial: Duration::from_millis(50),
+            notify_max_tries: 6,
+            binding_lifetime_s: 600,
+            active_metric: 100,
+            standby_metric: 200,
+        }
+    }
+}
+
+/// Configuration of the state machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MobilityConfig {
+    /// The node's Home Address.
+    pub hoa: Ipv6Addr,
+    /// Managed interfaces (primary and secondary).
+    pub ifaces: Vec<IfaceConfig>,
+    /// Peer prefixes routed with source hint HoA (so applications that do
+    /// not bind pick the HoA for peers), besides the default route.
+    pub peer_prefixes: Vec<(Ipv6Addr, u8)>,
+    /// First sequence number to use (the agent derives it from the wall
+    /// clock so a restart starts above what the IMS holds; a stale reply
+    /// resyncs anyway).
+    pub initial_seq: u64,
+    /// Seed for notification nonces (random per start).
+    pub nonce_seed: u64,
+    /// Timers.
+    pub timers: Timers,
+}
+
+/// A link event from netlink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Administratively up with carrier.
+    CarrierUp,
+    /// Carrier lost (or link down).
+    CarrierDown,
+    /// `IFLA_EVENT_NOTIFY_PEERS`: a hypervisor announced the VM after a
+    /// migration; the link may now be somewhere else.
+    NotifyPeers,
+}
+
+/// One prefix information option of an RA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaPrefix {
+    /// The prefix.
+    pub prefix: Ipv6Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Valid lifetime, seconds (`u32::MAX` is infinity).
+    pub valid_lifetime_s: u32,
+}
+
+/// A received Router Advertisement with what the receiver saw around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaInput {
+    /// IPv6 source address (must be link-local).
+    pub src: Ipv6Addr,
+    /// Source link-layer address (from the option or the Ethernet header).
+    pub src_mac: Option<[u8; 6]>,
+    /// IPv6 hop limit (must be 255).
+    pub hop_limit: u8,
+    /// Whether the packet carried a Fragment header (then it is dropped).
+    pub fragmented: bool,
+    /// Router lifetime, seconds (0: not a default router).
+    pub router_lifetime_s: u16,
+    /// Prefix information options.
+    pub prefixes: Vec<RaPrefix>,
+}
+
+/// Why an RA was ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RaVerdict {
+    /// Used.
+    Accepted,
+    /// Not from a managed interface.
+    UnknownInterface,
+    /// Source not link-local, hop limit not 255 or fragmented.
+    Malformed,
+    /// Router not in the interface's allow-list.
+    NotAllowed,
+    /// The interface has no carrier.
+    LinkDown,
+    /// No usable /64 prefix and no current attachment to refresh.
+    NoPrefix,
+}
+
+/// The IMS's answer to an update, as decoded by the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImsReply {
+    /// The update with this seq was committed; `assertion` is the IMS-signed
+    /// binding assertion to hand to peers.
+    Accepted {
+        /// Sequence number accepted.
+        seq: u64,
+        /// Opaque IMS-signed binding assertion.
+        assertion: Vec<u8>,
+    },
+    /// The update was refused because its seq is not newer than `last_seq`.
+    Stale {
+        /// The seq the update carried.
+        seq: u64,
+        /// The last seq the IMS accepted for this HoA.
+        last_seq: u64,
+    },
+}
+
+/// An update for the IMS (the client signs and sends it as one datagram).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImsUpdate {
+    /// Sequence number (strictly increasing).
+    pub seq: u64,
+    /// Active MoA, if any.
+    pub active: Option<Ipv6Addr>,
+    /// Standby MoAs.
+    pub standby: Vec<Ipv6Addr>,
+    /// Whether this update activates a new MoA (a move) rather than only
+    /// registering standbys or refreshing.
+    pub activate: bool,
+    /// Requested lifetime, seconds.
+    pub lifetime_s: u32,
+    /// MoA to send the datagram from.
+    pub src: Ipv6Addr,
+}
+
+/// A peer's binding as learned from the IMS (lookup, watch) or from a
+/// verified notification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerBinding {
+    /// The peer's active MoA.
+    pub active: Option<Ipv6Addr>,
+    /// The peer's standby MoAs.
+    pub standby: Vec<Ipv6Addr>,
+    /// Binding sequence number.
+    pub seq: u64,
+    /// Absolute expiry, unix seconds.
+    pub expires_unix: u64,
+}
+
+/// What the I/O layer must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a Router Solicitation on the interface.
+    SendRs {
+        /// Interface.
+        ifindex: IfIndex,
+    },
+    /// Add a MoA (no DAD: the IID is the NIC's EUI-64, unique by
+    /// construction on the link the RA just came from).
+    AddMoa {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Address.
+        moa: Ipv6Addr,
+        /// Prefix length.
+        prefix_len: u8,
+    },
+    /// Remove a MoA.
+    RemoveMoa {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Address.
+        moa: Ipv6Addr,
+        /// Prefix length.
+        prefix_len: u8,
+    },
+    /// Install a permanent neighbour entry for the router.
+    SetNeighbor {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Router link-local address.
+        router: Ipv6Addr,
+        /// Router MAC.
+        mac: [u8; 6],
+    },
+    /// Remove the router's neighbour entry.
+    RemoveNeighbor {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Router link-local address.
+        router: Ipv6Addr,
+    },
+    /// Add (or replace) a route.
+    AddRoute(Route),
+    /// Delete a route.
+    RemoveRoute(Route),
+    /// Map the interface to its MoA in the translation (`own_src`,
+    /// `own_moas`). Done when a MoA is formed, never on a switch.
+    SetOwnSource {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Interface name.
+        ifname: String,
+        /// The MoA on it.
+        moa: Ipv6Addr,
+    },
+    /// Remove the interface's MoA from the translation.
+    RemoveOwnSource {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Interface name.
+        ifname: String,
+        /// The MoA.
+        moa: Ipv6Addr,
+    },
+    /// Send one signed update datagram to the IMS.
+    SendImsUpdate(ImsUpdate),
+    /// Send an unsolicited Neighbor Advertisement for the MoA.
+    SendUnsolicitedNa {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Advertised address.
+        moa: Ipv6Addr,
+        /// The NIC's MAC.
+        mac: [u8; 6],
+    },
+    /// Send the binding assertion to a peer (UDP, notify port).
+    SendPeerNotify {
+        /// Source (the new active MoA).
+        src: Ipv6Addr,
+        /// The peer's HoA (what the notification is about).
+        peer_hoa: Ipv6Addr,
+        /// Destination: the peer's active MoA.
+        dst: Ipv6Addr,
+        /// Nonce echoed in the ack.
+        nonce: u64,
+        /// The IMS-signed assertion.
+        assertion: Vec<u8>,
+    },
+    /// A peer's binding changed: program `peer_out[hoa] = active` and
+    /// `peer_in[m] = hoa` for every MoA in `moas` (removing `old_moas`).
+    SetPeerMaps {
+        /// Peer HoA.
+        hoa: Ipv6Addr,
+        /// Active MoA (`None`: no `peer_out` entry).
+        active: Option<Ipv6Addr>,
+        /// All current MoAs (active and standby).
+        moas: Vec<Ipv6Addr>,
+        /// MoAs to remove from `peer_in` (no longer in the binding).
+        old_moas: Vec<Ipv6Addr>,
+        /// Previous active MoA (for `peer_out` removal when `active` is
+        /// `None`).
+        old_active: Option<Ipv6Addr>,
+    },
+    /// A handover finished its data-path part (for logs and metrics).
+    HandoverDone(Handover),
+}
+
+/// A route the agent owns.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Route {
+    /// Destination prefix (`::/0` for the default route).
+    pub dst: Ipv6Addr,
+    /// Destination prefix length.
+    pub dst_len: u8,
+    /// Interface.
+    pub ifindex: IfIndex,
+    /// Gateway (the router's link-local address).
+    pub via: Ipv6Addr,
+    /// Metric.
+    pub metric: u32,
+    /// Preferred source (the HoA for peer prefixes).
+    pub src: Option<Ipv6Addr>,
+}
+
+/// What kind of move a handover was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoverKind {
+    /// Switched to a prepared standby.
+    Standby,
+    /// Formed a new MoA from a fresh RA (nothing prepared).
+    Unplanned,
+    /// The active link now carries another prefix.
+    Renumbered,
+    /// The first MoA after start (not a move).
+    Initial,
+}
+
+/// Timings of one handover, relative to its trigger.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Handover {
+    /// Kind of move.
+    pub kind: HandoverKind,
+    /// Interface moved to.
+    pub ifindex: IfIndex,
+    /// New active MoA.
+    pub moa: Ipv6Addr,
+    /// Trigger → routes switched, microseconds.
+    pub switch_us: u64,
+    /// Trigger → IMS ack, microseconds (when acked).
+    pub ims_ack_us: Option<u64>,
+    /// Trigger → every notified peer acked, microseconds.
+    pub peers_acked_us: Option<u64>,
+    /// Peers notified.
+    pub peers_notified: usize,
+}
+
+/// An attachment to a router: a MoA formed from its prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    /// The MoA.
+    pub moa: Ipv6Addr,
+    /// The prefix it came from.
+    pub prefix: Ipv6Addr,
+    /// Prefix length (64).
+    pub prefix_len: u8,
+    /// Router link-local address.
+    pub router: Ipv6Addr,
+    /// Router MAC, if the RA carried it.
+    pub router_mac: Option<[u8; 6]>,
+    /// When the router's lifetime runs out.
+    #[serde(skip)]
+    pub router_expires: Instant,
+}
+
+/// State of one managed interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum IfaceState {
+    /// No carrier.
+    Down,
+    /// Carrier, no usable RA yet; soliciting.
+    Unconfigured {
+        /// Solicitations sent so far.
+        rs_sent: u32,
+        /// Next solicitation.
+        #[serde(skip)]
+        next_rs: Option<Instant>,
+    },
+    /// A MoA that is registered as standby.
+    Standby(Attachment),
+    /// The MoA the node uses.
+    Active(Attachment),
+}
+
+impl IfaceState {
+    fn attachment(&self) -> Option<&Attachment> {
+        match self {
+            IfaceState::Standby(a) | IfaceState::Active(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+struct Iface {
+    cfg: IfaceConfig,
+    state: IfaceState,
+}
+
+/// The registration with the IMS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Registration {
+    /// Nothing to register (no MoA) or registered and fresh.
+    Idle,
+    /// An update is outstanding.
+    Pending {
+        update: ImsUpdate,
+        tries: u32,
+        next_try: Instant,
+        rto: Duration,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct PendingNotify {
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    assertion: Vec<u8>,
+    tries: u32,
+    next_try: Instant,
+    rto: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct HandoverProgress {
+    started: Instant,
+    record: Handover,
+    /// Seq of the activation update (the ack for it closes the IMS part).
+    seq: Option<u64>,
+}
+
+/// Counters for metrics and status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// RAs used.
+    pub ra_accepted: u64,
+    /// RAs dropped as malformed (source, hop limit, fragment).
+    pub ra_malformed: u64,
+    /// RAs dropped by the allow-list.
+    pub ra_not_allowed: u64,
+    /// Router Solicitations sent.
+    pub rs_sent: u64,
+    /// IMS update datagrams sent (with retransmissions).
+    pub ims_updates_sent: u64,
+    /// Stale-seq resyncs.
+    pub ims_resyncs: u64,
+    /// Handovers done.
+    pub handovers: u64,
+    /// Peer notifications sent (with retransmissions).
+    pub notifies_sent: u64,
+    /// Peer notifications that were never acknowledged.
+    pub notifies_given_up: u64,
+}
+
+/// A snapshot for `guest-agent status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The HoA.
+    pub hoa: Ipv6Addr,
+    /// Interfaces: name, role and state.
+    pub interfaces: Vec<IfaceStatus>,
+    /// Active MoA.
+    pub active_moa: Option<Ipv6Addr>,
+    /// Standby MoAs.
+    pub standby_moas: Vec<Ipv6Addr>,
+    /// Last seq the IMS accepted.
+    pub binding_seq: Option<u64>,
+    /// Last accepted binding's expiry, seconds from the snapshot.
+    pub binding_expires_in_s: Option<u64>,
+    /// Whether an update is outstanding.
+    pub registration_pending: bool,
+    /// Peers' bindings.
+    pub peers: BTreeMap<Ipv6Addr, PeerBinding>,
+    /// Recent handovers, newest last.
+    pub handovers: Vec<Handover>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// One interface in [`Status`].
+#[derive(Clone, Debug, Serialize)]
+pub struct IfaceStatus {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub ifindex: IfIndex,
+    /// Role.
+    pub role: Role,
+    /// State.
+    pub state: IfaceState,
+}
+
+const HANDOVER_HISTORY: usize = 16;
+
+/// The mobility state machine.
+pub struct Mobility {
+    cfg: MobilityConfig,
+    ifaces: Vec<Iface>,
+    next_seq: u64,
+    registration: Registration,
+    last_accepted: Option<(u64, Instant)>,
+    refresh_at: Option<Instant>,
+    peers: BTreeMap<Ipv6Addr, PeerBinding>,
+    notifies: BTreeMap<u64, (Ipv6Addr, PendingNotify)>,
+    next_nonce: u64,
+    handover: Option<HandoverProgress>,
+    history: VecDeque<Handover>,
+    counters: Counters,
+    actions: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for Mobility {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mobility")
+            .field("hoa", &self.cfg.hoa)
+            .field("next_seq", &self.next_seq)
+            .field("registration", &self.registration)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The EUI-64 interface identifier of a MAC address.
+pub fn eui64(mac: [u8; 6]) -> [u8; 8] {
+    [
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]
+}
+
+/// A MoA: the /64 prefix with the MAC's EUI-64 identifier.
+pub fn moa_for(prefix: Ipv6Addr, mac: [u8; 6]) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..].copy_from_slice(&eui64(mac));
+    Ipv6Addr::from(o)
+}
+
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    (a.segments()[0] & 0xffc0) == 0xfe80
+}
+
+fn mask64(a: Ipv6Addr) -> Ipv6Addr {
+    let mut o = a.octets();
+    o[8..].fill(0);
+    Ipv6Addr::from(o)
+}
+
+fn usable_prefixes(ra: &RaInput) -> impl Iterator<Item = Ipv6Addr> + '_ {
+    ra.prefixes
+        .iter()
+        .filter(|p| p.prefix_len == 64 && p.valid_lifetime_s > 0)
+        .filter(|p| {
+            let a = p.prefix;
+            !is_link_local(&a) && !a.is_multicast() && !a.is_unspecified()
+        })
+        .map(|p| mask64(p.prefix))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Mobility {
+    /// A state machine with every interface `Down` (the I/O layer reports the
+    /// links' current state at start with [`Mobility::handle_link`]).
+    pub fn new(cfg: MobilityConfig) -> Self {
+        let ifaces = cfg
+            .ifaces
+            .iter()
+            .map(|c| Iface {
+                cfg: c.clone(),
+                state: IfaceState::Down,
+            })
+            .collect();
+        Self {
+            next_seq: cfg.initial_seq.max(1),
+            next_nonce: cfg.nonce_seed,
+            cfg,
+            ifaces,
+            registration: Registration::Idle,
+            last_accepted: None,
+            refresh_at: None,
+            peers: BTreeMap::new(),
+            notifies: BTreeMap::new(),
+            handover: None,
+            history: VecDeque::new(),
+            counters: Counters::default(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The HoA.
+    pub fn hoa(&self) -> Ipv6Addr {
+        self.cfg.hoa
+    }
+
+    /// The next action for the I/O layer.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// State of an interface.
+    pub fn iface_state(&self, ifindex: IfIndex) -> Option<&IfaceState> {
+        self.ifaces
+            .iter()
+            .find(|i| i.cfg.ifindex == ifindex)
+            .map(|i| &i.state)
+    }
+
+    /// The active MoA.
+    pub fn active_moa(&self) -> Option<Ipv6Addr> {
+        self.ifaces.iter().find_map(|i| match &i.state {
+            IfaceState::Active(a) => Some(a.moa),
+            _ => None,
+        })
+    }
+
+    /// Standby MoAs.
+    pub fn standby_moas(&self) -> Vec<Ipv6Addr> {
+        self.ifaces
+            .iter()
+            .filter_map(|i| match &i.state {
+                IfaceState::Standby(a) => Some(a.moa),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every MoA the node holds (for the translation's `own_moas`).
+    pub fn own_moas(&self) -> Vec<(IfIndex, Ipv6Addr)> {
+        self.ifaces
+            .iter()
+            .filter_map(|i| i.state.attachment().map(|a| (i.cfg.ifindex, a.moa)))
+            .collect()
+    }
+
+    /// The peers' bindings.
+    pub fn peers(&self) -> &BTreeMap<Ipv6Addr, PeerBinding> {
+        &self.peers
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The last seq the IMS accepted.
+    pub fn accepted_seq(&self) -> Option<u64> {
+        self.last_accepted.map(|(s, _)| s)
+    }
+
+    /// Whether an IMS update is outstanding.
+    pub fn registration_pending(&self) -> bool {
+        matches!(self.registration, Registration::Pending { .. })
+    }
+
+    /// A snapshot for `guest-agent status`.
+    pub fn status(&self, now: Instant) -> Status {
+        let lifetime = Duration::from_secs(u64::from(self.cfg.timers.binding_lifetime_s));
+        Status {
+            hoa: self.cfg.hoa,
+            interfaces: self
+                .ifaces
+                .iter()
+                .map(|i| IfaceStatus {
+                    name: i.cfg.name.clone(),
+                    ifindex: i.cfg.ifindex,
+                    role: i.cfg.role,
+                    state: i.state.clone(),
+                })
+                .collect(),
+            active_moa: self.active_moa(),
+            standby_moas: self.standby_moas(),
+            binding_seq: self.accepted_seq(),
+            binding_expires_in_s: self
+                .last_accepted
+                .map(|(_, at)| (at + lifetime).saturating_duration_since(now).as_secs()),
+            registration_pending: self.registration_pending(),
+            peers: self.peers.clone(),
+            handovers: self.history.iter().cloned().collect(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    fn idx(&self, ifindex: IfIndex) -> Option<usize> {
+        self.ifaces.iter().position(|i| i.cfg.ifindex == ifindex)
+    }
+
+    fn active_idx(&self) -> Option<usize> {
+        self.ifaces
+            .iter()
+            .position(|i| matches!(i.state, IfaceState::Active(_)))
+    }
+
+    fn standby_idx(&self) -> Option<usize> {
+        // Prefer the primary on a tie (deterministic).
+        let mut c: Vec<usize> = (0..self.ifaces.len())
+            .filter(|&k| matches!(self.ifaces[k].state, IfaceState::Standby(_)))
+            .collect();
+        c.sort_by_key(|&k| self.ifaces[k].cfg.role);
+        c.first().copied()
+    }
+
+    fn routes_for(&self, k: usize, a: &Attachment, metric: u32) -> Vec<Route> {
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        let mut r = vec![Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex,
+            via: a.router,
+            metric,
+            src: None,
+        }];
+        for &(p, l) in &self.cfg.peer_prefixes {
+            r.push(Route {
+                dst: p,
+                dst_len: l,
+                ifindex,
+                via: a.router,
+                metric,
+                src: Some(self.cfg.hoa),
+            });
+        }
+        r
+    }
+
+    // ---- link events ---------------------------------------------------
+
+    /// A link event on `ifindex`.
+    pub fn handle_link(&mut self, ifindex: IfIndex, ev: LinkEvent, now: Instant) {
+        let Some(k) = self.idx(ifindex) else { return };
+        match ev {
+            LinkEvent::CarrierUp => {
+                if matches!(self.ifaces[k].state, IfaceState::Down) {
+                    self.ifaces[k].state = IfaceState::Unconfigured {
+                        rs_sent: 0,
+                        next_rs: Some(now),
+                    };
+                    self.solicit(k, now);
+                }
+            }
+            LinkEvent::CarrierDown => self.carrier_down(k, now),
+            LinkEvent::NotifyPeers => {
+                // The VM may have moved: ask every link with carrier for a
+                // fresh RA now instead of waiting for a periodic one.
+                for j in 0..self.ifaces.len() {
+                    match &mut self.ifaces[j].state {
+                        IfaceState::Down => {}
+                        IfaceState::Unconfigured { rs_sent, next_rs } => {
+                            *rs_sent = 0;
+                            *next_rs = Some(now);
+                            self.solicit(j, now);
+                        }
+                        IfaceState::Standby(_) | IfaceState::Active(_) => {
+                            self.counters.rs_sent += 1;
+                            self.actions.push_back(Action::SendRs {
+                                ifindex: self.ifaces[j].cfg.ifindex,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends an RS if one is due on an unconfigured interface.
+    fn solicit(&mut self, k: usize, now: Instant) {
+        let rs_max = self.cfg.timers.rs_max;
+        let interval = self.cfg.timers.rs_interval;
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        if let IfaceState::Unconfigured { rs_sent, next_rs } = &mut self.ifaces[k].state {
+            if next_rs.is_some_and(|t| t <= now) {
+                *rs_sent += 1;
+                *next_rs = (*rs_sent < rs_max).then(|| now + interval);
+                self.counters.rs_sent += 1;
+                self.actions.push_back(Action::SendRs { ifindex });
+            }
+        }
+    }
+
+    fn carrier_down(&mut self, k: usize, now: Instant) {
+        let old = std::mem::replace(&mut self.ifaces[k].state, IfaceState::Down);
+        match old {
+            IfaceState::Down | IfaceState::Unconfigured { .. } => {}
+            IfaceState::Standby(a) => {
+                self.teardown(k, &a, self.cfg.timers.standby_metric);
+                self.register(false, now);
+            }
+            IfaceState::Active(a) => {
+                self.lose_active(k, a, now);
+            }
+        }
+    }
+
+    /// The active attachment on interface `k` is gone (already replaced by
+    /// `Down` or `Unconfigured` by the caller): switch to a standby if there
+    /// is one, otherwise solicit on every link with carrier.
+    fn lose_active(&mut self, k: usize, a: Attachment, now: Instant) {
+        if let Some(s) = self.standby_idx() {
+            self.promote(s, now, HandoverKind::Standby);
+            self.teardown(k, &a, self.cfg.timers.active_metric);
+        } else {
+            self.teardown(k, &a, self.cfg.timers.active_metric);
+            self.handover = Some(HandoverProgress {
+                started: now,
+                record: Handover {
+                    kind: HandoverKind::Unplanned,
+                    ifindex: 0,
+                    moa: Ipv6Addr::UNSPECIFIED,
+                    switch_us: 0,
+                    ims_ack_us: None,
+                    peers_acked_us: None,
+                    peers_notified: 0,
+                },
+                seq: None,
+            });
+            for j in 0..self.ifaces.len() {
+                if let IfaceState::Unconfigured { rs_sent, next_rs } = &mut self.ifaces[j].state {
+                    *rs_sent = 0;
+                    *next_rs = Some(now);
+                    self.solicit(j, now);
+                }
+            }
+            // Nothing left to be active: the IMS keeps the old binding until
+            // a new MoA exists (an update with no active MoA would only cut
+            // peers off earlier).
+        }
+    }
+
+    /// Removes an attachment's routes, neighbour, translation and address.
+    fn teardown(&mut self, k: usize, a: &Attachment, metric: u32) {
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        let ifname = self.ifaces[k].cfg.name.clone();
+        for r in self.routes_for(k, a, metric) {
+            self.actions.push_back(Action::RemoveRoute(r));
+        }
+        self.actions.push_back(Action::RemoveNeighbor {
+            ifindex,
+            router: a.router,
+        });
+        self.actions.push_back(Action::RemoveOwnSource {
+            ifindex,
+            ifname,
+            moa: a.moa,
+        });
+        self.actions.push_back(Action::RemoveMoa {
+            ifindex,
+            moa: a.moa,
+            prefix_len: a.prefix_len,
+        });
+    }
+
+    /// Makes the standby on `s` the active attachment.
+    fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind) {
+        let IfaceState::Standby(a) = self.ifaces[s].state.clone() else {
+            return;
+        };
+        let t = self.cfg.timers.clone();
+        for r in self.routes_for(s, &a, t.active_metric) {
+            self.actions.push_back(Action::AddRoute(r));
+        }
+        for r in self.routes_for(s, &a, t.standby_metric) {
+            self.actions.push_back(Action::RemoveRoute(r));
+        }
+        self.ifaces[s].state = IfaceState::Active(a.clone());
+        self.activated(s, &a, now, now, kind);
+    }
+
+    /// Common tail of every move: NA, IMS activation, handover record.
+    fn activated(
+        &mut self,
+        k: usize,
+        a: &Attachment,
+        started: Instant,
+        now: Instant,
+        kind: HandoverKind,
+    ) {
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        let mac = self.ifaces[k].cfg.mac;
+        self.actions.push_back(Action::SendUnsolicitedNa {
+            ifindex,
+            moa: a.moa,
+            mac,
+        });
+        let record = Handover {
+            kind,
+            ifindex,
+            moa: a.moa,
+            switch_us: micros(now.saturating_duration_since(started)),
+            ims_ack_us: None,
+            peers_acked_us: None,
+            peers_notified: 0,
+        };
+        self.actions.push_back(Action::HandoverDone(record.clone()));
+        self.counters.handovers += 1;
+        // Cancel notifications about an older move.
+        self.notifies.clear();
+        let seq = self.register(true, now);
+        self.handover = Some(HandoverProgress {
+            started,
+            record,
+            seq,
+        });
+    }
+
+    // ---- address events ------------------------------------------------
+
+    /// An address was removed from `ifindex` by someone else: if it is one of
+    /// our MoAs, put it back.
+    pub fn handle_address_removed(&mut self, ifindex: IfIndex, addr: Ipv6Addr) {
+        let Some(k) = self.idx(ifindex) else { return };
+        if let Some(a) = self.ifaces[k].state.attachment() {
+            if a.moa == addr {
+                self.actions.push_back(Action::AddMoa {
+                    ifindex,
+                    moa: a.moa,
+                    prefix_len: a.prefix_len,
+                });
+            }
+        }
+    }
+
+    // ---- router advertisements ------------------------------------------
+
+    /// A Router Advertisement received on `ifindex`.
+    pub fn handle_ra(&mut self, ifindex: IfIndex, ra: &RaInput, now: Instant) -> RaVerdict {
+        let Some(k) = self.idx(ifindex) else {
+            return RaVerdict::UnknownInterface;
+        };
+        if !is_link_local(&ra.src) || ra.hop_limit != 255 || ra.fragmented {
+            self.counters.ra_malformed += 1;
+            return RaVerdict::Malformed;
+        }
+        let allowed = &self.ifaces[k].cfg.allowed_routers;
+        if !allowed.is_empty() && !allowed.contains(&ra.src) {
+            self.counters.ra_not_allowed += 1;
+            return RaVerdict::NotAllowed;
+        }
+        let lifetime = Duration::from_secs(u64::from(ra.router_lifetime_s));
+        let verdict = match self.ifaces[k].state.clone() {
+            IfaceState::Down => return RaVerdict::LinkDown,
+            IfaceState::Unconfigured { .. } => {
+                if ra.router_lifetime_s == 0 {
+                    RaVerdict::NoPrefix
+                } else if let Some(prefix) = usable_prefixes(ra).next() {
+                    self.attach(k, ra, prefix, now);
+                    RaVerdict::Accepted
+                } else {
+                    RaVerdict::NoPrefix
+                }
+            }
+            IfaceState::Standby(mut a) | IfaceState::Active(mut a) => {
+                let active = matches!(self.ifaces[k].state, IfaceState::Active(_));
+                let same_router = a.router == ra.src;
+                let lists_ours = usable_prefixes(ra).any(|p| p == a.prefix);
+                if same_router && ra.router_lifetime_s == 0 && lists_ours {
+                    // The router retires itself: treat as unreachable.
+                    self.router_gone(k, now);
+                    RaVerdict::Accepted
+                } else if lists_ours && ra.router_lifetime_s > 0 {
+                    // Refresh (possibly a new router for the same prefix).
+                    let metric = if active {
+                        self.cfg.timers.active_metric
+                    } else {
+                        self.cfg.timers.standby_metric
+                    };
+                    if !same_router || (ra.src_mac.is_some() && ra.src_mac != a.router_mac) {
+                        let ifindex = self.ifaces[k].cfg.ifindex;
+                        let old = a.clone();
+                        a.router = ra.src;
+                        a.router_mac = ra.src_mac.or(a.router_mac);
+                        self.install_router(k, &a, metric);
+                        if old.router != a.router {
+                            for r in self.routes_for(k, &old, metric) {
+                                self.actions.push_back(Action::RemoveRoute(r));
+                            }
+                            self.actions.push_back(Action::RemoveNeighbor {
+                                ifindex,
+                                router: old.router,
+                            });
+                        }
+                    }
+                    a.router_expires = now + lifetime;
+                    self.ifaces[k].state = if active {
+                        IfaceState::Active(a)
+                    } else {
+                        IfaceState::Standby(a)
+                    };
+                    RaVerdict::Accepted
+                } else if let Some(prefix) = usable_prefixes(ra)
+                    .next()
+                    .filter(|_| ra.router_lifetime_s > 0)
+                {
+                    // The link now carries another prefix: the node moved
+                    // (or the site renumbered).
+                    if active {
+                        self.renumber_active(k, a, ra, prefix, now);
+                    } else {
+                        let metric = self.cfg.timers.standby_metric;
+                        self.teardown(k, &a, metric);
+                        self.ifaces[k].state = IfaceState::Unconfigured {
+                            rs_sent: 0,
+                            next_rs: None,
+                        };
+                        self.attach(k, ra, prefix, now);
+                    }
+                    RaVerdict::Accepted
+                } else {
+                    RaVerdict::NoPrefix
+                }
+            }
+        };
+        if verdict == RaVerdict::Accepted {
+            self.counters.ra_accepted += 1;
+        }
+        verdict
+    }
+
+    fn install_router(&mut self, k: usize, a: &Attachment, metric: u32) {
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        if let Some(mac) = a.router_mac {
+            self.actions.push_back(Action::SetNeighbor {
+                ifindex,
+                router: a.router,
+                mac,
+            });
+        }
+        for r in self.routes_for(k, a, metric) {
+            self.actions.push_back(Action::AddRoute(r));
+        }
+    }
+
+    /// Forms a MoA on the unconfigured interface `k`: active if nothing is,
+    /// standby otherwise.
+    fn attach(&mut self, k: usize, ra: &RaInput, prefix: Ipv6Addr, now: Instant) {
+        let cfg = self.ifaces[k].cfg.clone();
+        let a = Attachment {
+            moa: moa_for(prefix, cfg.mac),
+            prefix,
+            prefix_len: 64,
+            router: ra.src,
+            router_mac: ra.src_mac,
+            router_expires: now + Duration::from_secs(u64::from(ra.router_lifetime_s)),
+        };
+        self.actions.push_back(Action::AddMoa {
+            ifindex: cfg.ifindex,
+            moa: a.moa,
+            prefix_len: a.prefix_len,
+        });
+        self.actions.push_back(Action::SetOwnSource {
+            ifindex: cfg.ifindex,
+            ifname: cfg.name.clone(),
+            moa: a.moa,
+        });
+        if self.active_idx().is_none() {
+            self.install_router(k, &a, self.cfg.timers.active_metric);
+            self.ifaces[k].state = IfaceState::Active(a.clone());
+            let (started, kind) = match &self.handover {
+                Some(h) if h.record.kind == HandoverKind::Unplanned && h.seq.is_none() => {
+                    (h.started, HandoverKind::Unplanned)
+                }
+                _ => (now, HandoverKind::Initial),
+            };
+            self.activated(k, &a, started, now, kind);
+        } else {
+            self.install_router(k, &a, self.cfg.timers.standby_metric);
+            self.ifaces[k].state = IfaceState::Standby(a);
+            self.register(false, now);
+        }
+    }
+
+    /// The active link now announces another prefix: replace the MoA on the
+    /// same interface.
+    fn renumber_active(
+        &mut self,
+        k: usize,
+        old: Attachment,
+        ra: &RaInput,
+        prefix: Ipv6Addr,
+        now: Instant,
+    ) {
+        // If a standby exists, it may be the better choice, but the active
+        // link demonstrably works: stay on it with a new MoA.
+        let cfg = self.ifaces[k].cfg.clone();
+        let a = Attachment {
+            moa: moa_for(prefix, cfg.mac),
+            prefix,
+            prefix_len: 64,
+            router: ra.src,
+            router_mac: ra.src_mac,
+            router_expires: now + Duration::from_secs(u64::from(ra.router_lifetime_s)),
+        };
+        let metric = self.cfg.timers.active_metric;
+        self.actions.push_back(Action::AddMoa {
+            ifindex: cfg.ifindex,
+            moa: a.moa,
+            prefix_len: a.prefix_len,
+        });
+        if old.router != a.router {
+            for r in self.routes_for(k, &old, metric) {
+                self.actions.push_back(Action::RemoveRoute(r));
+            }
+            self.actions.push_back(Action::RemoveNeighbor {
+                ifindex: cfg.ifindex,
+                router: old.router,
+            });
+        }
+        self.install_router(k, &a, metric);
+        // Replacing the own_src element switches the source in one step.
+        self.actions.push_back(Action::SetOwnSource {
+            ifindex: cfg.ifindex,
+            ifname: cfg.name.clone(),
+            moa: a.moa,
+        });
+        self.actions.push_back(Action::RemoveMoa {
+            ifindex: cfg.ifindex,
+            moa: old.moa,
+            prefix_len: old.prefix_len,
+        });
+        self.ifaces[k].state = IfaceState::Active(a.clone());
+        self.activated(k, &a, now, now, HandoverKind::Renumbered);
+    }
+
+    /// The router of interface `k` is unreachable (lifetime ran out or it
+    /// retired itself).
+    fn router_gone(&mut self, k: usize, now: Instant) {
+        let old = std::mem::replace(
+            &mut self.ifaces[k].state,
+            IfaceState::Unconfigured {
+                rs_sent: 0,
+                next_rs: Some(now),
+            },
+        );
+        match old {
+            IfaceState::Active(a) => self.lose_active(k, a, now),
+            IfaceState::Standby(a) => {
+                self.teardown(k, &a, self.cfg.timers.standby_metric);
+                self.register(false, now);
+            }
+            _ => {}
+        }
+        self.solicit(k, now);
+    }
+
+    // ---- IMS registration ------------------------------------------------
+
+    /// Queues an update carrying the current binding. Returns its seq.
+    fn register(&mut self, activate: bool, now: Instant) -> Option<u64> {
+        let active = self.active_moa();
+        let standby = self.standby_moas();
+        let Some(src) = active.or_else(|| standby.first().copied()) else {
+            self.registration = Registration::Idle;
+            return None;
+        };
+        // A standby-only change while an activation is still outstanding
+        // keeps the activate flag.
+        let activate = activate
+            || matches!(&self.registration, Registration::Pending { update, .. } if update.activate);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let update = ImsUpdate {
+            seq,
+            active,
+            standby,
+            activate,
+            lifetime_s: self.cfg.timers.binding_lifetime_s,
+            src,
+        };
+        self.send_update(update, 0, self.cfg.timers.ims_rto_initial, now);
+        Some(seq)
+    }
+
+    fn send_update(&mut self, update: ImsUpdate, tries: u32, rto: Duration, now: Instant) {
+        self.counters.ims_updates_sent += 1;
+        self.actions
+            .push_back(Action::SendImsUpdate(update.clone()));
+        self.registration = Registration::Pending {
+            update,
+            tries: tries + 1,
+            next_try: now + rto,
+            rto,
+        };
+    }
+
+    /// A reply from the IMS.
+    pub fn handle_ims_reply(&mut self, reply: ImsReply, now: Instant) {
+        let Registration::Pending { update, .. } = &self.registration else {
+            return;
+        };
+        let update = update.clone();
+        match reply {
+            ImsReply::Accepted { seq, assertion } => {
+                if seq != update.seq {
+                    return; // an ack for an older update
+                }
+                self.registration = Registration::Idle;
+                self.last_accepted = Some((seq, now));
+                let lifetime = u64::from(self.cfg.timers.binding_lifetime_s);
+                self.refresh_at = Some(now + Duration::from_secs((lifetime / 2).max(1)));
+                if update.activate {
+                    self.notify_peers(&update, assertion, now);
+                }
+            }
+            ImsReply::Stale { seq, last_seq } => {
+                if seq != update.seq {
+                    return;
+                }
+                // Resync above what the IMS holds and resend at once.
+                self.counters.ims_resyncs += 1;
+                self.next_seq = self.next_seq.max(last_seq.saturating_add(1));
+                let mut update = update;
+                update.seq = self.next_seq;
+                self.next_seq += 1;
+                if let Some(h) = &mut self.handover {
+                    if h.seq.is_some() {
+                        h.seq = Some(update.seq);
+                    }
+                }
+                self.send_update(update, 0, self.cfg.timers.ims_rto_initial, now);
+            }
+        }
+    }
+
+    fn notify_peers(&mut self, update: &ImsUpdate, assertion: Vec<u8>, now: Instant) {
+        let Some(src) = update.active else { return };
+        let mut notified = 0;
+        let dsts: Vec<(Ipv6Addr, Ipv6Addr)> = self
+            .peers
+            .iter()
+            .filter_map(|(h, b)| b.active.map(|m| (*h, m)))
+            .collect();
+        for (peer_hoa, dst) in dsts {
+            let nonce = self.next_nonce;
+            self.next_nonce = self.next_nonce.wrapping_add(1);
+            let p = PendingNotify {
+                src,
+                dst,
+                assertion: assertion.clone(),
+                tries: 1,
+                next_try: now + self.cfg.timers.notify_rto_initial,
+                rto: self.cfg.timers.notify_rto_initial,
+            };
+            self.counters.notifies_sent += 1;
+            self.actions.push_back(Action::SendPeerNotify {
+                src,
+                peer_hoa,
+                dst,
+                nonce,
+                assertion: assertion.clone(),
+            });
+            self.notifies.insert(nonce, (peer_hoa, p));
+            notified += 1;
+        }
+        if let Some(h) = &mut self.handover {
+            if h.seq == Some(update.seq) {
+                h.record.ims_ack_us = Some(micros(now.saturating_duration_since(h.started)));
+                h.record.peers_notified = notified;
+                if notified == 0 {
+                    h.record.peers_acked_us = h.record.ims_ack_us;
+                    self.finish_handover();
+                }
+            }
+        }
+    }
+
+    fn finish_handover(&mut self) {
+        if let Some(h) = self.handover.take() {
+            self.history.push_back(h.record);
+            while self.history.len() > HANDOVER_HISTORY {
+                self.history.pop_front();
+            }
+        }
+    }
+
+    /// A peer acknowledged the notification with this nonce.
+    pub fn handle_peer_ack(&mut self, nonce: u64, now: Instant) {
+        if self.notifies.remove(&nonce).is_none() {
+            return;
+        }
+        if self.notifies.is_empty() {
+            if let Some(h) = &mut self.handover {
+                h.record.peers_acked_us = Some(micros(now.saturating_duration_since(h.started)));
+            }
+            self.finish_handover();
+        }
+    }
+
+    // ---- peers -----------------------------------------------------------
+
+    /// A peer binding learned from the IMS (lookup or watch) or from a
+    /// notification that verified against the IMS key. Applied only if its
+    /// seq is newer than what is held. Returns whether it was applied.
+    pub fn handle_peer_binding(&mut self, hoa: Ipv6Addr, b: PeerBinding) -> bool {
+        if hoa == self.cfg.hoa {
+            return false;
+        }
+        let old = self.peers.get(&hoa);
+        if old.is_some_and(|o| o.seq >= b.seq) {
+            return false;
+        }
+        let mut moas: Vec<Ipv6Addr> = b
+            .active
+            .into_iter()
+            .chain(b.standby.iter().copied())
+            .collect();
+        moas.sort();
+        moas.dedup();
+        let (old_moas, old_active) = match old {
+            Some(o) => (
+                o.active
+                    .into_iter()
+                    .chain(o.standby.iter().copied())
+                    .filter(|m| !moas.contains(m))
+                    .collect(),
+                o.active,
+            ),
+            None => (Vec::new(), None),
+        };
+        self.actions.push_back(Action::SetPeerMaps {
+            hoa,
+            active: b.active,
+            moas,
+            old_moas,
+            old_active,
+        });
+        self.peers.insert(hoa, b);
+        true
+    }
+
+    /// Whether a binding with this seq would be newer than what is held.
+    pub fn peer_seq_is_newer(&self, hoa: Ipv6Addr, seq: u64) -> bool {
+        hoa != self.cfg.hoa && self.peers.get(&hoa).is_none_or(|o| seq > o.seq)
+    }
+
+    // ---- timers ------------------------------------------------------------
+
+    /// The next instant [`Mobility::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut min = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for i in &self.ifaces {
+            match &i.state {
+                IfaceState::Unconfigured { next_rs, .. } => min(*next_rs),
+                IfaceState::Standby(a) | IfaceState::Active(a) => min(Some(a.router_expires)),
+                IfaceState::Down => {}
+            }
+        }
+        if let Registration::Pending { next_try, .. } = &self.registration {
+            min(Some(*next_try));
+        } else {
+            min(self.refresh_at);
+        }
+        for (_, p) in self.notifies.values() {
+            min(Some(p.next_try));
+        }
+        t
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for k in 0..self.ifaces.len() {
+            match &self.ifaces[k].state {
+                IfaceState::Unconfigured { .. } => self.solicit(k, now),
+                IfaceState::Standby(a) | IfaceState::Active(a) => {
+                    if a.router_expires <= now {
+                        self.router_gone(k, now);
+                    }
+                }
+                IfaceState::Down => {}
+            }
+        }
+        match self.registration.clone() {
+            Registration::Pending {
+                update,
+                tries,
+                next_try,
+                rto,
+            } if next_try <= now => {
+                let rto = (rto * 2).min(self.cfg.timers.ims_rto_max);
+                self.send_update(update, tries, rto, now);
+            }
+            Registration::Idle if self.refresh_at.is_some_and(|t| t <= now) => {
+                self.refresh_at = None;
+                self.register(false, now);
+            }
+            _ => {}
+        }
+        let due: Vec<u64> = self
+            .notifies
+            .iter()
+            .filter(|(_, (_, p))| p.next_try <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        let max = self.cfg.timers.notify_max_tries;
+        for nonce in due {
+            let Some((peer_hoa, mut p)) = self.notifies.remove(&nonce) else {
+                continue;
+            };
+            if p.tries >= max {
+                self.counters.notifies_given_up += 1;
+                continue;
+            }
+            p.tries += 1;
+            p.rto *= 2;
+            p.next_try = now + p.rto;
+            self.counters.notifies_sent += 1;
+            self.actions.push_back(Action::SendPeerNotify {
+                src: p.src,
+                peer_hoa,
+                dst: p.dst,
+                nonce,
+                assertion: p.assertion.clone(),
+            });
+            self.notifies.insert(nonce, (peer_hoa, p));
+        }
+        if self.notifies.is_empty()
+            && self
+                .handover
+                .as_ref()
+                .is_some_and(|h| h.record.ims_ack_us.is_some())
+        {
+            self.finish_handover();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    const HOA: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
+    const PFX_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 0);
+    const PFX_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0);
+    const PFX_C: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0);
+    const RTR_A: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xa);
+    const RTR_B: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb);
+    const ROGUE: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x666);
+    const MAC1: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const MAC2: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+    const PEER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2);
+    const PEER_MOA: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 9);
+
+    struct Clock(Instant);
+    impl Clock {
+        fn at(&self, ms: u64) -> Instant {
+            self.0 + Duration::from_millis(ms)
+        }
+    }
+
+    fn cfg(allow: Vec<Ipv6Addr>) -> MobilityConfig {
+        MobilityConfig {
+            hoa: HOA,
+            ifaces: vec![
+                IfaceConfig {
+                    ifindex: 2,
+                    name: "eth0".into(),
+                    mac: MAC1,
+                    role: Role::Primary,
+                    allowed_routers: allow.clone(),
+                },
+                IfaceConfig {
+                    ifindex: 3,
+                    name: "eth1".into(),
+                    mac: MAC2,
+                    role: Role::Secondary,
+                    allowed_routers: allow,
+                },
+            ],
+            peer_prefixes: vec![],
+            initial_seq: 10,
+            nonce_seed: 1000,
+            timers: Timers::default(),
+        }
+    }
+
+    fn ra(src: Ipv6Addr, prefix: Ipv6Addr, lifetime: u16) -> RaInput {
+        RaInput {
+            src,
+            src_mac: Some([2, 0, 0, 0, 0, src.segments()[7] as u8]),
+            hop_limit: 255,
+            fragmented: false,
+            router_lifetime_s: lifetime,
+            prefixes: vec![RaPrefix {
+                prefix,
+                prefix_len: 64,
+                valid_lifetime_s: 3600,
+            }],
+        }
+    }
+
+    fn drain(m: &mut Mobility) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn updates(a: &[Action]) -> Vec<ImsUpdate> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::SendImsUpdate(u) => Some(u.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(m: &mut Mobility, seq: u64, now: Instant) {
+        m.handle_ims_reply(
+            ImsReply::Accepted {
+                seq,
+                assertion: vec![0xaa, seq as u8],
+            },
+            now,
+        );
+    }
+
+    /// eth0 active on site A; returns the machine with actions drained.
+    fn active_on_a(c: &Clock, allow: Vec<Ipv6Addr>) -> Mobility {
+        let mut m = Mobility::new(cfg(allow));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        assert_eq!(
+            m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(5)),
+            RaVerdict::Accepted
+        );
+        let a = drain(&mut m);
+        let u = updates(&a);
+        assert_eq!(u.len(), 1);
+        ack(&mut m, u[0].seq, c.at(6));
+        drain(&mut m);
+        m
+    }
+
+    #[test]
+    fn eui64_moa() {
+        let moa = moa_for(PFX_A, MAC1);
+        assert_eq!(
+            moa,
+            "2001:db8:a:0:5054:ff:fe00:1".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn rs_sent_at_once_on_link_up_and_retransmitted() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 2 }]);
+        assert_eq!(m.poll_timeout(), Some(c.at(250)));
+        m.handle_timeout(c.at(100));
+        assert!(drain(&mut m).is_empty());
+        for k in 1..4 {
+            m.handle_timeout(c.at(250 * k));
+            assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 2 }]);
+        }
+        // rs_max = 4: no more solicitations.
+        assert_eq!(m.poll_timeout(), None);
+        assert_eq!(m.counters().rs_sent, 4);
+    }
+
+    #[test]
+    fn first_ra_makes_active_moa_and_registers() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        drain(&mut m);
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(3));
+        let a = drain(&mut m);
+        let moa = moa_for(PFX_A, MAC1);
+        assert!(a.contains(&Action::AddMoa {
+            ifindex: 2,
+            moa,
+            prefix_len: 64
+        }));
+        assert!(a.contains(&Action::SetNeighbor {
+            ifindex: 2,
+            router: RTR_A,
+            mac: [2, 0, 0, 0, 0, 0xa]
+        }));
+        assert!(a.contains(&Action::AddRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 2,
+            via: RTR_A,
+            metric: 100,
+            src: None
+        })));
+        let u = updates(&a);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].active, Some(moa));
+        assert!(u[0].activate);
+        assert_eq!(u[0].src, moa);
+        assert_eq!(u[0].seq, 10);
+        assert_eq!(m.active_moa(), Some(moa));
+    }
+
+    #[test]
+    fn standby_created_from_ra_on_non_active_interface() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 3 }]);
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(101));
+        let a = drain(&mut m);
+        let sb = moa_for(PFX_B, MAC2);
+        assert!(matches!(m.iface_state(3), Some(IfaceState::Standby(x)) if x.moa == sb));
+        assert!(a.contains(&Action::AddRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 3,
+            via: RTR_B,
+            metric: 200,
+            src: None
+        })));
+        assert!(a.contains(&Action::SetOwnSource {
+            ifindex: 3,
+            ifname: "eth1".into(),
+            moa: sb
+        }));
+        let u = updates(&a);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].standby, vec![sb]);
+        assert_eq!(u[0].active, Some(moa_for(PFX_A, MAC1)));
+        assert!(!u[0].activate);
+        assert_eq!(m.standby_moas(), vec![sb]);
+    }
+
+    fn with_standby(c: &Clock) -> Mobility {
+        let mut m = active_on_a(c, vec![]);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(101));
+        let u = updates(&drain(&mut m));
+        ack(&mut m, u[0].seq, c.at(102));
+        drain(&mut m);
+        m
+    }
+
+    #[test]
+    fn carrier_loss_switches_to_standby() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 5,
+                expires_unix: 0,
+            },
+        );
+        drain(&mut m);
+        let sb = moa_for(PFX_B, MAC2);
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let a = drain(&mut m);
+        // The data path moves first: the active route on eth1 precedes the
+        // NA and the IMS update, and the old attachment goes last.
+        let pos = |x: &Action| a.iter().position(|y| y == x).unwrap();
+        let add = Action::AddRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 3,
+            via: RTR_B,
+            metric: 100,
+            src: None,
+        });
+        let na = Action::SendUnsolicitedNa {
+            ifindex: 3,
+            moa: sb,
+            mac: MAC2,
+        };
+        let rm = Action::RemoveMoa {
+            ifindex: 2,
+            moa: moa_for(PFX_A, MAC1),
+            prefix_len: 64,
+        };
+        assert!(pos(&add) < pos(&na));
+        assert!(pos(&na) < pos(&rm));
+        assert!(!a.iter().any(|x| matches!(x, Action::AddMoa { .. })));
+        let u = updates(&a);
+        assert_eq!(u.len(), 1);
+        assert!(u[0].activate);
+        assert_eq!(u[0].active, Some(sb));
+        assert!(u[0].standby.is_empty());
+        assert_eq!(u[0].src, sb);
+        assert_eq!(m.active_moa(), Some(sb));
+        assert_eq!(m.iface_state(2), Some(&IfaceState::Down));
+        // The ack's assertion goes to the peer, from the new MoA.
+        ack(&mut m, u[0].seq, c.at(1003));
+        let a = drain(&mut m);
+        assert_eq!(
+            a,
+            vec![Action::SendPeerNotify {
+                src: sb,
+                peer_hoa: PEER,
+                dst: PEER_MOA,
+                nonce: 1000,
+                assertion: vec![0xaa, u[0].seq as u8]
+            }]
+        );
+        // Retransmitted until acked.
+        m.handle_timeout(c.at(1053));
+        assert_eq!(drain(&mut m).len(), 1);
+        m.handle_peer_ack(1000, c.at(1060));
+        m.handle_timeout(c.at(2000));
+        assert!(drain(&mut m).is_empty());
+        let st = m.status(c.at(2000));
+        assert_eq!(st.handovers.len(), 2);
+        assert_eq!(st.handovers[0].kind, HandoverKind::Initial);
+        let h = &st.handovers[1];
+        assert_eq!(h.kind, HandoverKind::Standby);
+        assert_eq!(h.switch_us, 0);
+        assert_eq!(h.ims_ack_us, Some(3000));
+        assert_eq!(h.peers_acked_us, Some(60_000));
+    }
+
+    #[test]
+    fn peer_notify_is_bounded() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 5,
+                expires_unix: 0,
+            },
+        );
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let u = updates(&drain(&mut m));
+        ack(&mut m, u[0].seq, c.at(1001));
+        let mut sent = drain(&mut m).len();
+        let mut t = 1001;
+        while let Some(next) = m.poll_timeout() {
+            if next > c.at(100_000) {
+                break;
+            }
+            t += 1;
+            let now = next.max(c.at(t));
+            m.handle_timeout(now);
+            sent += drain(&mut m)
+                .iter()
+                .filter(|a| matches!(a, Action::SendPeerNotify { .. }))
+                .count();
+        }
+        assert_eq!(sent, 6);
+        assert_eq!(m.counters().notifies_given_up, 1);
+    }
+
+    #[test]
+    fn carrier_loss_without_standby_solicits_and_forms_new_moa() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(50));
+        drain(&mut m);
+        // Retransmissions of the RS on eth1 ran out long ago.
+        for k in 1..5 {
+            m.handle_timeout(c.at(50 + 250 * k));
+        }
+        drain(&mut m);
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(5000));
+        let a = drain(&mut m);
+        assert!(a.contains(&Action::SendRs { ifindex: 3 }));
+        assert!(updates(&a).is_empty(), "nothing to register yet");
+        assert_eq!(m.active_moa(), None);
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(5040));
+        let a = drain(&mut m);
+        let moa = moa_for(PFX_B, MAC2);
+        assert!(a.contains(&Action::AddMoa {
+            ifindex: 3,
+            moa,
+            prefix_len: 64
+        }));
+        assert!(a.contains(&Action::SendUnsolicitedNa {
+            ifindex: 3,
+            moa,
+            mac: MAC2
+        }));
+        let u = updates(&a);
+        assert!(u[0].activate);
+        assert_eq!(u[0].active, Some(moa));
+        let h = a
+            .iter()
+            .find_map(|x| match x {
+                Action::HandoverDone(h) => Some(h.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(h.kind, HandoverKind::Unplanned);
+        assert_eq!(h.switch_us, 40_000);
+    }
+
+    #[test]
+    fn unplanned_link_up_on_new_link() {
+        // Carrier up on a new link, nothing prepared: RS at once, the RA
+        // makes the MoA active.
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(100));
+        drain(&mut m);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(200));
+        assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 3 }]);
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(202));
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+    }
+
+    #[test]
+    fn ra_with_another_prefix_on_active_link_renumbers() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        let old = moa_for(PFX_A, MAC1);
+        let new = moa_for(PFX_C, MAC1);
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(500));
+        assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 2 }]);
+        m.handle_ra(2, &ra(RTR_B, PFX_C, 1800), c.at(510));
+        let a = drain(&mut m);
+        assert!(a.contains(&Action::AddMoa {
+            ifindex: 2,
+            moa: new,
+            prefix_len: 64
+        }));
+        assert!(a.contains(&Action::RemoveMoa {
+            ifindex: 2,
+            moa: old,
+            prefix_len: 64
+        }));
+        assert!(a.contains(&Action::SetOwnSource {
+            ifindex: 2,
+            ifname: "eth0".into(),
+            moa: new
+        }));
+        assert!(a.contains(&Action::RemoveRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 2,
+            via: RTR_A,
+            metric: 100,
+            src: None
+        })));
+        let u = updates(&a);
+        assert!(u[0].activate);
+        assert_eq!(u[0].active, Some(new));
+        assert_eq!(m.active_moa(), Some(new));
+    }
+
+    #[test]
+    fn same_prefix_refreshes_without_actions() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(1000));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn router_lifetime_expiry_switches_to_standby() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 3), c.at(1));
+        let u = updates(&drain(&mut m));
+        ack(&mut m, u[0].seq, c.at(2));
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(10));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(11));
+        let u = updates(&drain(&mut m));
+        ack(&mut m, u[0].seq, c.at(12));
+        drain(&mut m);
+        assert_eq!(m.poll_timeout(), Some(c.at(3001)));
+        m.handle_timeout(c.at(3001));
+        let a = drain(&mut m);
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+        // eth0 still has carrier: it solicits for a new router.
+        assert!(a.contains(&Action::SendRs { ifindex: 2 }));
+        assert!(matches!(
+            m.iface_state(2),
+            Some(IfaceState::Unconfigured { .. })
+        ));
+        assert!(updates(&a)[0].activate);
+    }
+
+    #[test]
+    fn router_lifetime_zero_retires_router() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 0), c.at(500));
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+    }
+
+    #[test]
+    fn rogue_ra_is_ignored() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![RTR_A, RTR_B]);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        drain(&mut m);
+        assert_eq!(
+            m.handle_ra(3, &ra(ROGUE, PFX_C, 1800), c.at(101)),
+            RaVerdict::NotAllowed
+        );
+        assert_eq!(
+            m.handle_ra(2, &ra(ROGUE, PFX_C, 1800), c.at(102)),
+            RaVerdict::NotAllowed
+        );
+        assert!(drain(&mut m).is_empty());
+        assert!(m.standby_moas().is_empty());
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_A, MAC1)));
+        assert_eq!(m.counters().ra_not_allowed, 2);
+    }
+
+    #[test]
+    fn malformed_ras_are_dropped() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        drain(&mut m);
+        let global = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+        assert_eq!(
+            m.handle_ra(2, &ra(global, PFX_A, 1800), c.at(1)),
+            RaVerdict::Malformed
+        );
+        let mut r = ra(RTR_A, PFX_A, 1800);
+        r.hop_limit = 64;
+        assert_eq!(m.handle_ra(2, &r, c.at(1)), RaVerdict::Malformed);
+        let mut r = ra(RTR_A, PFX_A, 1800);
+        r.fragmented = true;
+        assert_eq!(m.handle_ra(2, &r, c.at(1)), RaVerdict::Malformed);
+        let mut r = ra(RTR_A, PFX_A, 1800);
+        r.prefixes[0].prefix_len = 48;
+        assert_eq!(m.handle_ra(2, &r, c.at(1)), RaVerdict::NoPrefix);
+        assert_eq!(
+            m.handle_ra(9, &ra(RTR_A, PFX_A, 1800), c.at(1)),
+            RaVerdict::UnknownInterface
+        );
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.active_moa(), None);
+    }
+
+    #[test]
+    fn ims_update_retransmits_with_backoff() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(0));
+        let first = updates(&drain(&mut m));
+        assert_eq!(first.len(), 1);
+        let mut times = vec![];
+        let mut now = c.at(0);
+        for _ in 0..7 {
+            now = m.poll_timeout().unwrap();
+            m.handle_timeout(now);
+            let u = updates(&drain(&mut m));
+            assert_eq!(u, first, "same datagram, same seq");
+            times.push(now.duration_since(c.at(0)).as_millis());
+        }
+        assert_eq!(times, vec![100, 300, 700, 1500, 3100, 6300, 10300]);
+        ack(&mut m, first[0].seq, now);
+        assert!(!m.registration_pending());
+        assert_eq!(m.accepted_seq(), Some(first[0].seq));
+        // Refresh at half the lifetime, with a new seq.
+        let t = m.poll_timeout().unwrap();
+        assert_eq!(t, now + Duration::from_secs(300));
+        m.handle_timeout(t);
+        let u = updates(&drain(&mut m));
+        assert_eq!(u[0].seq, first[0].seq + 1);
+        assert!(!u[0].activate);
+    }
+
+    #[test]
+    fn stale_seq_resyncs() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(0));
+        let u = updates(&drain(&mut m));
+        assert_eq!(u[0].seq, 10);
+        // A reply for another seq is ignored.
+        m.handle_ims_reply(
+            ImsReply::Stale {
+                seq: 3,
+                last_seq: 500,
+            },
+            c.at(1),
+        );
+        assert!(drain(&mut m).is_empty());
+        m.handle_ims_reply(
+            ImsReply::Stale {
+                seq: 10,
+                last_seq: 500,
+            },
+            c.at(2),
+        );
+        let u2 = updates(&drain(&mut m));
+        assert_eq!(u2.len(), 1);
+        assert_eq!(u2[0].seq, 501);
+        assert_eq!(u2[0].active, u[0].active);
+        assert!(u2[0].activate);
+        // A late ack for the stale seq does not complete the registration.
+        ack(&mut m, 10, c.at(3));
+        assert!(m.registration_pending());
+        ack(&mut m, 501, c.at(4));
+        assert!(!m.registration_pending());
+        assert_eq!(m.counters().ims_resyncs, 1);
+        // Later updates continue above.
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(10));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(11));
+        assert_eq!(updates(&drain(&mut m))[0].seq, 502);
+    }
+
+    #[test]
+    fn newer_update_supersedes_pending_one() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(1));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(2));
+        let u = updates(&drain(&mut m));
+        assert_eq!(u.len(), 2);
+        assert!(u[1].activate, "activation still outstanding");
+        assert_eq!(u[1].standby, vec![moa_for(PFX_B, MAC2)]);
+        ack(&mut m, u[0].seq, c.at(3));
+        assert!(m.registration_pending());
+        ack(&mut m, u[1].seq, c.at(4));
+        assert!(!m.registration_pending());
+    }
+
+    #[test]
+    fn standby_loss_updates_ims() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.handle_link(3, LinkEvent::CarrierDown, c.at(200));
+        let a = drain(&mut m);
+        assert!(a.contains(&Action::RemoveMoa {
+            ifindex: 3,
+            moa: moa_for(PFX_B, MAC2),
+            prefix_len: 64
+        }));
+        let u = updates(&a);
+        assert!(u[0].standby.is_empty());
+        assert!(!u[0].activate);
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_A, MAC1)));
+    }
+
+    #[test]
+    fn peer_bindings_only_move_forward() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        let sb = Ipv6Addr::new(0x2001, 0xdb8, 0xd, 0, 0, 0, 0, 9);
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![sb],
+                seq: 5,
+                expires_unix: 0
+            }
+        ));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::SetPeerMaps {
+                hoa: PEER,
+                active: Some(PEER_MOA),
+                moas: vec![PEER_MOA, sb],
+                old_moas: vec![],
+                old_active: None
+            }]
+        );
+        assert!(!m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(sb),
+                standby: vec![],
+                seq: 5,
+                expires_unix: 0
+            }
+        ));
+        assert!(drain(&mut m).is_empty());
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(sb),
+                standby: vec![],
+                seq: 6,
+                expires_unix: 0
+            }
+        ));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::SetPeerMaps {
+                hoa: PEER,
+                active: Some(sb),
+                moas: vec![sb],
+                old_moas: vec![PEER_MOA],
+                old_active: Some(PEER_MOA)
+            }]
+        );
+        // Our own HoA is never a peer.
+        assert!(!m.handle_peer_binding(
+            HOA,
+            PeerBinding {
+                active: Some(sb),
+                standby: vec![],
+                seq: 99,
+                expires_unix: 0
+            }
+        ));
+    }
+
+    #[test]
+    fn removed_moa_is_restored() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        let moa = moa_for(PFX_A, MAC1);
+        m.handle_address_removed(2, moa);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::AddMoa {
+                ifindex: 2,
+                moa,
+                prefix_len: 64
+            }]
+        );
+        m.handle_address_removed(2, PEER);
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn peer_prefix_routes_carry_hoa_source() {
+        let c = Clock(Instant::now());
+        let mut conf = cfg(vec![]);
+        conf.peer_prefixes = vec![(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0), 64)];
+        let mut m = Mobility::new(conf);
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(0));
+        let a = drain(&mut m);
+        assert!(a.contains(&Action::AddRoute(Route {
+            dst: Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0),
+            dst_len: 64,
+            ifindex: 2,
+            via: RTR_A,
+            metric: 100,
+            src: Some(HOA)
+        })));
+    }
+}
