@@ -7,7 +7,7 @@
 //!
 //! Inputs carry an explicit `now`: link events ([`Mobility::handle_link`]),
 //! address events ([`Mobility::handle_address_removed`]), Router Advertisements
-//! ([`Mobility::handle_ra`]), IMS replies ([`Mobility::handle_ims_reply`]), peer
+//! ([`Mobility::handle_ra`]), IMS acks ([`Mobility::handle_ims_datagram`]), peer
 //! acknowledgements ([`Mobility::handle_peer_ack`]), peer bindings
 //! ([`Mobility::handle_peer_binding`]) and timers ([`Mobility::handle_timeout`]).
 //! Outputs are [`Action`]s drained with [`Mobility::poll_action`]; the next timer
@@ -19,12 +19,19 @@
 //! Advertisement and the one-datagram IMS activation go out, and only then is
 //! the old attachment torn down. Peers are notified as soon as the IMS ack
 //! carries the IMS-signed assertion for the new binding.
+//!
+//! The IMS exchange itself (signing, retransmission with backoff, ack
+//! authentication) is [`crate::update::UpdateClient`]; this machine decides
+//! what to register and when, and resyncs its seq on a stale-seq ack.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use crate::binding::MAX_STANDBY;
+use crate::update::{RetransmitPolicy, UpdateClient, UpdateKey, UpdateOutcome, UpdateRepr};
 
 /// Kernel interface index.
 pub type IfIndex = u32;
@@ -68,6 +75,9 @@ pub struct Timers {
     pub ims_rto_initial: Duration,
     /// Ceiling of the IMS retransmission timeout.
     pub ims_rto_max: Duration,
+    /// Transmissions of one update before starting over (after
+    /// `ims_rto_max`).
+    pub ims_max_attempts: u32,
     /// First peer-notification retransmission timeout; doubles per try.
     pub notify_rto_initial: Duration,
     /// Notifications sent to one peer before giving up (the IMS watch still
@@ -88,6 +98,7 @@ impl Default for Timers {
             rs_max: 4,
             ims_rto_initial: Duration::from_millis(100),
             ims_rto_max: Duration::from_secs(4),
+            ims_max_attempts: 8,
             notify_rto_initial: Duration::from_millis(50),
             notify_max_tries: 6,
             binding_lifetime_s: 600,
@@ -102,6 +113,8 @@ impl Default for Timers {
 pub struct MobilityConfig {
     /// The node's Home Address.
     pub hoa: Ipv6Addr,
+    /// The HoA's update key at the IMS.
+    pub key: UpdateKey,
     /// Managed interfaces (primary and secondary).
     pub ifaces: Vec<IfaceConfig>,
     /// Peer prefixes routed with source hint HoA (so applications that do
@@ -175,26 +188,6 @@ pub enum RaVerdict {
     NoPrefix,
 }
 
-/// The IMS's answer to an update, as decoded by the client.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ImsReply {
-    /// The update with this seq was committed; `assertion` is the IMS-signed
-    /// binding assertion to hand to peers.
-    Accepted {
-        /// Sequence number accepted.
-        seq: u64,
-        /// Opaque IMS-signed binding assertion.
-        assertion: Vec<u8>,
-    },
-    /// The update was refused because its seq is not newer than `last_seq`.
-    Stale {
-        /// The seq the update carried.
-        seq: u64,
-        /// The last seq the IMS accepted for this HoA.
-        last_seq: u64,
-    },
-}
-
 /// An update for the IMS (the client signs and sends it as one datagram).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ImsUpdate {
@@ -211,6 +204,9 @@ pub struct ImsUpdate {
     pub lifetime_s: u32,
     /// MoA to send the datagram from.
     pub src: Ipv6Addr,
+    /// The signed datagram.
+    #[serde(skip)]
+    pub datagram: Vec<u8>,
 }
 
 /// A peer's binding as learned from the IMS (lookup, watch) or from a
@@ -439,16 +435,14 @@ struct Iface {
 }
 
 /// The registration with the IMS.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 enum Registration {
     /// Nothing to register (no MoA) or registered and fresh.
     Idle,
     /// An update is outstanding.
     Pending {
-        update: ImsUpdate,
-        tries: u32,
-        next_try: Instant,
-        rto: Duration,
+        client: Box<UpdateClient>,
+        src: Ipv6Addr,
     },
 }
 
@@ -485,6 +479,10 @@ pub struct Counters {
     pub ims_updates_sent: u64,
     /// Stale-seq resyncs.
     pub ims_resyncs: u64,
+    /// Updates the IMS refused by policy.
+    pub ims_refused: u64,
+    /// Updates that went unacknowledged through every retransmission.
+    pub ims_timeouts: u64,
     /// Handovers done.
     pub handovers: u64,
     /// Peer notifications sent (with retransmissions).
@@ -1193,7 +1191,8 @@ impl Mobility {
     /// Queues an update carrying the current binding. Returns its seq.
     fn register(&mut self, activate: bool, now: Instant) -> Option<u64> {
         let active = self.active_moa();
-        let standby = self.standby_moas();
+        let mut standby = self.standby_moas();
+        standby.truncate(MAX_STANDBY);
         let Some(src) = active.or_else(|| standby.first().copied()) else {
             self.registration = Registration::Idle;
             return None;
@@ -1201,73 +1200,124 @@ impl Mobility {
         // A standby-only change while an activation is still outstanding
         // keeps the activate flag.
         let activate = activate
-            || matches!(&self.registration, Registration::Pending { update, .. } if update.activate);
+            || matches!(&self.registration, Registration::Pending { client, .. } if client.repr().activate);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let update = ImsUpdate {
+        let repr = UpdateRepr {
+            key_id: self.cfg.key.key_id,
             seq,
+            hoa: self.cfg.hoa,
+            lifetime_s: self.cfg.timers.binding_lifetime_s,
+            activate,
             active,
             standby,
-            activate,
-            lifetime_s: self.cfg.timers.binding_lifetime_s,
-            src,
         };
-        self.send_update(update, 0, self.cfg.timers.ims_rto_initial, now);
+        self.start_update(repr, src, now, now);
         Some(seq)
     }
 
-    fn send_update(&mut self, update: ImsUpdate, tries: u32, rto: Duration, now: Instant) {
-        self.counters.ims_updates_sent += 1;
-        self.actions
-            .push_back(Action::SendImsUpdate(update.clone()));
-        self.registration = Registration::Pending {
-            update,
-            tries: tries + 1,
-            next_try: now + rto,
-            rto,
+    fn start_update(&mut self, repr: UpdateRepr, src: Ipv6Addr, due: Instant, now: Instant) {
+        let t = &self.cfg.timers;
+        let policy = RetransmitPolicy {
+            initial_rto: t.ims_rto_initial,
+            max_rto: t.ims_rto_max,
+            max_attempts: t.ims_max_attempts.max(1),
         };
-    }
-
-    /// A reply from the IMS.
-    pub fn handle_ims_reply(&mut self, reply: ImsReply, now: Instant) {
-        let Registration::Pending { update, .. } = &self.registration else {
-            return;
-        };
-        let update = update.clone();
-        match reply {
-            ImsReply::Accepted { seq, assertion } => {
-                if seq != update.seq {
-                    return; // an ack for an older update
-                }
-                self.registration = Registration::Idle;
-                self.last_accepted = Some((seq, now));
-                let lifetime = u64::from(self.cfg.timers.binding_lifetime_s);
-                self.refresh_at = Some(now + Duration::from_secs((lifetime / 2).max(1)));
-                if update.activate {
-                    self.notify_peers(&update, assertion, now);
-                }
+        match UpdateClient::new(&self.cfg.key, repr, policy, due) {
+            Ok(client) => {
+                self.registration = Registration::Pending {
+                    client: Box::new(client),
+                    src,
+                };
+                self.transmit(now);
             }
-            ImsReply::Stale { seq, last_seq } => {
-                if seq != update.seq {
-                    return;
-                }
-                // Resync above what the IMS holds and resend at once.
-                self.counters.ims_resyncs += 1;
-                self.next_seq = self.next_seq.max(last_seq.saturating_add(1));
-                let mut update = update;
-                update.seq = self.next_seq;
-                self.next_seq += 1;
-                if let Some(h) = &mut self.handover {
-                    if h.seq.is_some() {
-                        h.seq = Some(update.seq);
-                    }
-                }
-                self.send_update(update, 0, self.cfg.timers.ims_rto_initial, now);
+            Err(_) => {
+                // Only an unencodable repr fails (too many standbys), which
+                // `register` prevents.
+                self.counters.ims_refused += 1;
+                self.registration = Registration::Idle;
             }
         }
     }
 
-    fn notify_peers(&mut self, update: &ImsUpdate, assertion: Vec<u8>, now: Instant) {
+    /// Sends the pending update if a (re)transmission is due; starts over
+    /// after the client gave up.
+    fn transmit(&mut self, now: Instant) {
+        let Registration::Pending { client, src } = &mut self.registration else {
+            return;
+        };
+        if let Some(d) = client.poll_transmit(now) {
+            let datagram = d.to_vec();
+            let r = client.repr();
+            let u = ImsUpdate {
+                seq: r.seq,
+                active: r.active,
+                standby: r.standby.clone(),
+                activate: r.activate,
+                lifetime_s: r.lifetime_s,
+                src: *src,
+                datagram,
+            };
+            self.counters.ims_updates_sent += 1;
+            self.actions.push_back(Action::SendImsUpdate(u));
+        } else if matches!(client.outcome(), Some(UpdateOutcome::TimedOut { .. })) {
+            // The IMS is unreachable: keep trying, at the slowest pace.
+            self.counters.ims_timeouts += 1;
+            let repr = client.repr().clone();
+            let src = *src;
+            let due = now + self.cfg.timers.ims_rto_max;
+            self.start_update(repr, src, due, now);
+        }
+    }
+
+    /// A datagram from the IMS. Anything that is not an authenticated ack
+    /// for the outstanding update is ignored. Returns whether it was used.
+    pub fn handle_ims_datagram(&mut self, bytes: &[u8], now: Instant) -> bool {
+        let Registration::Pending { client, src } = &mut self.registration else {
+            return false;
+        };
+        if !client.handle_datagram(bytes, now) {
+            return false;
+        }
+        let repr = client.repr().clone();
+        let src = *src;
+        let outcome = client.outcome().cloned();
+        match outcome {
+            Some(UpdateOutcome::Accepted(ack)) => {
+                self.registration = Registration::Idle;
+                self.last_accepted = Some((repr.seq, now));
+                let lifetime = u64::from(self.cfg.timers.binding_lifetime_s);
+                self.refresh_at = Some(now + Duration::from_secs((lifetime / 2).max(1)));
+                if repr.activate {
+                    self.notify_peers(&repr, ack.assertion.unwrap_or_default(), now);
+                }
+            }
+            Some(UpdateOutcome::Stale { last_accepted }) => {
+                // Resync above what the IMS holds and resend at once.
+                self.counters.ims_resyncs += 1;
+                self.next_seq = self.next_seq.max(last_accepted.saturating_add(1));
+                let mut repr = repr;
+                repr.seq = self.next_seq;
+                self.next_seq += 1;
+                if let Some(h) = &mut self.handover {
+                    if h.seq.is_some() {
+                        h.seq = Some(repr.seq);
+                    }
+                }
+                self.start_update(repr, src, now, now);
+            }
+            Some(UpdateOutcome::Refused(_)) | Some(UpdateOutcome::TimedOut { .. }) | None => {
+                // Refused by policy: nothing this node can fix by resending;
+                // try again at the next refresh.
+                self.counters.ims_refused += 1;
+                self.registration = Registration::Idle;
+                self.refresh_at = Some(now + self.cfg.timers.ims_rto_max);
+            }
+        }
+        true
+    }
+
+    fn notify_peers(&mut self, update: &UpdateRepr, assertion: Vec<u8>, now: Instant) {
         let Some(src) = update.active else { return };
         let mut notified = 0;
         let dsts: Vec<(Ipv6Addr, Ipv6Addr)> = self
@@ -1395,8 +1445,8 @@ impl Mobility {
                 IfaceState::Down => {}
             }
         }
-        if let Registration::Pending { next_try, .. } = &self.registration {
-            min(Some(*next_try));
+        if let Registration::Pending { client, .. } = &self.registration {
+            min(client.poll_timeout());
         } else {
             min(self.refresh_at);
         }
@@ -1419,21 +1469,13 @@ impl Mobility {
                 IfaceState::Down => {}
             }
         }
-        match self.registration.clone() {
-            Registration::Pending {
-                update,
-                tries,
-                next_try,
-                rto,
-            } if next_try <= now => {
-                let rto = (rto * 2).min(self.cfg.timers.ims_rto_max);
-                self.send_update(update, tries, rto, now);
-            }
+        match &self.registration {
+            Registration::Pending { .. } => self.transmit(now),
             Registration::Idle if self.refresh_at.is_some_and(|t| t <= now) => {
                 self.refresh_at = None;
                 self.register(false, now);
             }
-            _ => {}
+            Registration::Idle => {}
         }
         let due: Vec<u64> = self
             .notifies
@@ -1478,6 +1520,7 @@ impl Mobility {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+    use crate::update::{AckRepr, AckStatus};
 
     const HOA: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
     const PFX_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 0);
@@ -1501,6 +1544,7 @@ mod tests {
     fn cfg(allow: Vec<Ipv6Addr>) -> MobilityConfig {
         MobilityConfig {
             hoa: HOA,
+            key: key(),
             ifaces: vec![
                 IfaceConfig {
                     ifindex: 2,
@@ -1552,14 +1596,32 @@ mod tests {
             .collect()
     }
 
-    fn ack(m: &mut Mobility, seq: u64, now: Instant) {
-        m.handle_ims_reply(
-            ImsReply::Accepted {
-                seq,
-                assertion: vec![0xaa, seq as u8],
-            },
-            now,
-        );
+    fn key() -> UpdateKey {
+        UpdateKey {
+            key_id: 7,
+            secret: [3u8; 32],
+        }
+    }
+
+    fn ack_bytes(status: AckStatus, seq: u64, last: u64, k: &UpdateKey) -> Vec<u8> {
+        AckRepr {
+            status,
+            key_id: k.key_id,
+            seq,
+            last_accepted_seq: last,
+            hoa: HOA,
+            assertion: (status == AckStatus::Accepted).then(|| vec![0xaa, seq as u8]),
+        }
+        .to_vec(&k.hmac_key())
+        .unwrap()
+    }
+
+    fn ack(m: &mut Mobility, seq: u64, now: Instant) -> bool {
+        m.handle_ims_datagram(&ack_bytes(AckStatus::Accepted, seq, seq, &key()), now)
+    }
+
+    fn stale(m: &mut Mobility, seq: u64, last: u64, now: Instant) -> bool {
+        m.handle_ims_datagram(&ack_bytes(AckStatus::StaleSeq, seq, last, &key()), now)
     }
 
     /// eth0 active on site A; returns the machine with actions drained.
@@ -2011,6 +2073,33 @@ mod tests {
     }
 
     #[test]
+    fn ims_update_is_signed_and_restarts_after_timeout() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(0));
+        let u = updates(&drain(&mut m));
+        let r = UpdateRepr::parse_verified(&u[0].datagram, &key().hmac_key()).unwrap();
+        assert_eq!(r.hoa, HOA);
+        assert_eq!(r.seq, 10);
+        assert_eq!(r.active, Some(moa_for(PFX_A, MAC1)));
+        assert!(r.activate);
+        // Unanswered: 8 transmissions, then it starts over after the cap.
+        let mut sent = 1;
+        let mut now = c.at(0);
+        while now < c.at(30_000) {
+            now = m.poll_timeout().unwrap();
+            m.handle_timeout(now);
+            sent += updates(&drain(&mut m)).len();
+        }
+        assert!(sent > 8);
+        assert!(m.counters().ims_timeouts >= 1);
+        assert!(m.registration_pending());
+        assert!(ack(&mut m, 10, now));
+        assert!(!m.registration_pending());
+    }
+
+    #[test]
     fn stale_seq_resyncs() {
         let c = Clock(Instant::now());
         let mut m = Mobility::new(cfg(vec![]));
@@ -2019,21 +2108,17 @@ mod tests {
         let u = updates(&drain(&mut m));
         assert_eq!(u[0].seq, 10);
         // A reply for another seq is ignored.
-        m.handle_ims_reply(
-            ImsReply::Stale {
-                seq: 3,
-                last_seq: 500,
-            },
-            c.at(1),
-        );
+        assert!(!stale(&mut m, 3, 500, c.at(1)));
         assert!(drain(&mut m).is_empty());
-        m.handle_ims_reply(
-            ImsReply::Stale {
-                seq: 10,
-                last_seq: 500,
-            },
-            c.at(2),
-        );
+        // An ack under another key is ignored too.
+        let other = UpdateKey {
+            key_id: 7,
+            secret: [4u8; 32],
+        };
+        let forged = ack_bytes(AckStatus::StaleSeq, 10, 500, &other);
+        assert!(!m.handle_ims_datagram(&forged, c.at(1)));
+        assert!(drain(&mut m).is_empty());
+        assert!(stale(&mut m, 10, 500, c.at(2)));
         let u2 = updates(&drain(&mut m));
         assert_eq!(u2.len(), 1);
         assert_eq!(u2[0].seq, 501);
