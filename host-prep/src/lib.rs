@@ -11,6 +11,7 @@
 //! Protocol logic is sans-IO ([`ra`]); the rest is thin I/O glue.
 
 pub mod config;
+pub mod qmp;
 pub mod ra;
 pub mod report;
 pub mod state;

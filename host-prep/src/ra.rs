@@ -12,6 +12,9 @@ use std::collections::VecDeque;
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
+use mat6_proto::binding::{RaParams, SiteInfo};
+use mat6_proto::ndp::{NdpError, NdpRepr, PrefixInfo, RouterAdvert};
+
 /// `ff02::1`, all-nodes multicast.
 pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 
@@ -217,6 +220,58 @@ impl RaSender {
     }
 }
 
+/// The Router Advertisement that makes a link look like `site`'s link: the
+/// site prefix with the on-link and autonomous flags, the gateway's MAC as
+/// source link-layer option, lifetimes from the site's RA parameters. A
+/// `Final` RA carries router lifetime 0 (the prefix stays: its lifetime
+/// cannot be shortened by an RA anyway, RFC 4862 §5.5.3 e).
+pub fn router_advert(site: &SiteInfo, reason: Reason) -> RouterAdvert {
+    let params = site.ra.clone().unwrap_or_default();
+    RouterAdvert {
+        cur_hop_limit: 64,
+        managed: false,
+        other: false,
+        router_lifetime_s: if reason == Reason::Final {
+            0
+        } else {
+            params.router_lifetime_s
+        },
+        reachable_time_ms: 0,
+        retrans_timer_ms: 0,
+        source_ll: Some(site.gateway_mac.0),
+        mtu: params.mtu,
+        prefixes: vec![PrefixInfo {
+            prefix: site.prefix.network(),
+            prefix_len: site.prefix.prefix(),
+            on_link: true,
+            autonomous: true,
+            valid_lifetime_s: params.prefix_valid_lifetime_s,
+            preferred_lifetime_s: params
+                .prefix_preferred_lifetime_s
+                .min(params.prefix_valid_lifetime_s),
+        }],
+        other_options: Vec::new(),
+    }
+}
+
+/// ICMPv6 bytes (header + body, checksum filled in) of the RA for `tx`, sent
+/// from the site gateway's link-local address.
+pub fn encode(site: &SiteInfo, tx: &Transmit) -> Result<Vec<u8>, NdpError> {
+    NdpRepr::RouterAdvert(router_advert(site, tx.reason)).to_bytes(site.gateway_ll, tx.dst)
+}
+
+/// The sender timing for a site: host defaults, with the site's own RA
+/// interval when the registry gives one.
+pub fn timing_for(site_ra: Option<&RaParams>, host: RaTiming) -> RaTiming {
+    match site_ra {
+        Some(p) if p.interval_ms > 0 => RaTiming {
+            interval: Duration::from_millis(u64::from(p.interval_ms)),
+            ..host
+        },
+        _ => host,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -352,6 +407,67 @@ mod tests {
         assert!(s.poll_transmit().is_none());
         s.stop();
         assert!(s.poll_transmit().is_none(), "stop is idempotent");
+    }
+
+    fn site() -> SiteInfo {
+        SiteInfo {
+            name: "B".into(),
+            prefix: "2001:db8:b::/64".parse().unwrap(),
+            gateway_ll: "fe80::b:1".parse().unwrap(),
+            gateway_mac: "02:00:00:00:0b:01".parse().unwrap(),
+            ra: Some(RaParams {
+                router_lifetime_s: 600,
+                prefix_valid_lifetime_s: 3600,
+                prefix_preferred_lifetime_s: 7200,
+                interval_ms: 250,
+                mtu: Some(1500),
+            }),
+        }
+    }
+
+    #[test]
+    fn ra_announces_the_site() {
+        let tx = Transmit {
+            dst: ALL_NODES,
+            reason: Reason::Periodic,
+        };
+        let bytes = encode(&site(), &tx).unwrap();
+        // What a guest's raw socket would read parses back to the site's link.
+        let parsed = NdpRepr::parse(&bytes, site().gateway_ll, ALL_NODES).unwrap();
+        let NdpRepr::RouterAdvert(ra) = parsed else {
+            panic!("not an RA: {parsed:?}")
+        };
+        assert_eq!(ra.source_ll, Some([2, 0, 0, 0, 0x0b, 1]));
+        assert_eq!(ra.router_lifetime_s, 600);
+        assert_eq!(ra.mtu, Some(1500));
+        assert_eq!(ra.prefixes.len(), 1);
+        let p = &ra.prefixes[0];
+        assert_eq!(p.prefix, "2001:db8:b::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(p.prefix_len, 64);
+        assert!(p.on_link && p.autonomous);
+        assert_eq!(p.valid_lifetime_s, 3600);
+        assert_eq!(p.preferred_lifetime_s, 3600, "preferred clamped to valid");
+        // Checksum covers the pseudo-header: another source does not verify.
+        assert!(NdpRepr::parse(&bytes, "fe80::2".parse().unwrap(), ALL_NODES).is_err());
+    }
+
+    #[test]
+    fn final_ra_has_zero_router_lifetime() {
+        let ra = router_advert(&site(), Reason::Final);
+        assert_eq!(ra.router_lifetime_s, 0);
+        assert_eq!(ra.prefixes.len(), 1);
+        let mut s = site();
+        s.ra = None;
+        let ra = router_advert(&s, Reason::Solicited);
+        assert_eq!(ra.router_lifetime_s, RaParams::default().router_lifetime_s);
+    }
+
+    #[test]
+    fn site_interval_overrides_host_default() {
+        let t = timing_for(site().ra.as_ref(), timing());
+        assert_eq!(t.interval, Duration::from_millis(250));
+        assert_eq!(t.initial_count, 3);
+        assert_eq!(timing_for(None, timing()), timing());
     }
 
     #[test]

@@ -1,0 +1,375 @@
+//! QMP client on top of the `qapi` crate: commands go through its service,
+//! events are read by a task and handed over a channel stamped with the local
+//! time they arrived (the `RESUME` → `set_link` switch is timed from it).
+//!
+//! Commands whose replies changed shape between QEMU releases (`query-migrate`,
+//! `query-status`) are declared here with only the fields host-prep reads, all
+//! optional, so that QEMU 7.2 (Debian 12) and newer both work.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use qapi::futures::{QapiService, QmpStreamTokio};
+use serde::{Deserialize, Serialize};
+use tokio::io::WriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Errors talking QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// Could not connect to the QMP socket.
+    #[error("cannot connect to QMP socket {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// I/O error.
+        source: io::Error,
+    },
+    /// A command failed (QEMU answered with an error, or the stream broke).
+    #[error("QMP {command} failed: {message}")]
+    Command {
+        /// Command name.
+        command: &'static str,
+        /// QEMU's error description (or the I/O error).
+        message: String,
+    },
+    /// The QMP connection closed (QEMU exited?).
+    #[error("QMP connection to {0} closed")]
+    Closed(PathBuf),
+    /// Waited too long for an event or a state.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
+}
+
+/// The QMP events host-prep cares about, stamped with their arrival time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QmpEvent {
+    /// The VM resumed (destination: migration done).
+    Resume,
+    /// The VM stopped (source: stop-and-copy starts).
+    Stop,
+    /// Migration status change (needs the `events` capability).
+    Migration(String),
+    /// QEMU is shutting down.
+    Shutdown,
+    /// Any other event, by name.
+    Other(String),
+}
+
+/// An event and when it arrived here.
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    /// The event.
+    pub event: QmpEvent,
+    /// Local arrival time.
+    pub at: Instant,
+}
+
+type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
+
+/// A negotiated QMP connection.
+pub struct Qmp {
+    path: PathBuf,
+    service: QapiService<Writer>,
+    events: mpsc::UnboundedReceiver<Stamped>,
+    reader: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp").field("path", &self.path).finish()
+    }
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// `query-migrate` reply: the fields host-prep reads.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct MigrateInfo {
+    /// `setup`, `active`, `completed`, `failed`, ...
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Total time so far / in all (ms).
+    #[serde(default, rename = "total-time")]
+    pub total_time: Option<i64>,
+    /// Downtime (ms), once completed.
+    #[serde(default)]
+    pub downtime: Option<i64>,
+    /// Expected downtime (ms), while active.
+    #[serde(default, rename = "expected-downtime")]
+    pub expected_downtime: Option<i64>,
+    /// Setup time (ms).
+    #[serde(default, rename = "setup-time")]
+    pub setup_time: Option<i64>,
+    /// RAM statistics.
+    #[serde(default)]
+    pub ram: Option<RamStats>,
+    /// Error description when failed.
+    #[serde(default, rename = "error-desc")]
+    pub error_desc: Option<String>,
+}
+
+/// RAM part of `query-migrate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct RamStats {
+    /// Bytes transferred.
+    #[serde(default)]
+    pub transferred: i64,
+    /// Bytes remaining.
+    #[serde(default)]
+    pub remaining: i64,
+    /// Total guest RAM bytes.
+    #[serde(default)]
+    pub total: i64,
+    /// Dirty-bitmap sync rounds.
+    #[serde(default, rename = "dirty-sync-count")]
+    pub dirty_sync_count: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct QueryMigrate {}
+impl qapi::Command for QueryMigrate {
+    type Ok = MigrateInfo;
+    const NAME: &'static str = "query-migrate";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for QueryMigrate {}
+
+/// `query-status` reply.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusInfo {
+    /// Whether the VM runs.
+    pub running: bool,
+    /// Run state (`running`, `inmigrate`, `postmigrate`, `paused`, ...).
+    pub status: String,
+}
+
+#[derive(Debug, Serialize)]
+struct QueryStatus {}
+impl qapi::Command for QueryStatus {
+    type Ok = StatusInfo;
+    const NAME: &'static str = "query-status";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for QueryStatus {}
+
+#[derive(Debug, Serialize)]
+struct SetLink {
+    name: String,
+    up: bool,
+}
+impl qapi::Command for SetLink {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "set_link";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for SetLink {}
+
+#[derive(Debug, Serialize)]
+struct Migrate {
+    uri: String,
+}
+impl qapi::Command for Migrate {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "migrate";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for Migrate {}
+
+#[derive(Debug, Serialize)]
+struct Quit {}
+impl qapi::Command for Quit {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "quit";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for Quit {}
+
+#[derive(Debug, Serialize)]
+struct Cont {}
+impl qapi::Command for Cont {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "cont";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for Cont {}
+
+fn classify(ev: &qapi::qmp::Event) -> QmpEvent {
+    use qapi::qmp::Event;
+    match ev {
+        Event::RESUME { .. } => QmpEvent::Resume,
+        Event::STOP { .. } => QmpEvent::Stop,
+        Event::SHUTDOWN { .. } => QmpEvent::Shutdown,
+        Event::MIGRATION { data, .. } => QmpEvent::Migration(
+            serde_json::to_value(data.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        ),
+        other => QmpEvent::Other(
+            serde_json::to_value(other)
+                .ok()
+                .and_then(|v| v.get("event").and_then(|e| e.as_str().map(str::to_string)))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+impl Qmp {
+    /// Connect to a QMP unix socket and negotiate capabilities.
+    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        let connect_err = |source| QmpError::Connect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let negotiation = QmpStreamTokio::open_uds(path).await.map_err(connect_err)?;
+        let stream = negotiation.negotiate().await.map_err(connect_err)?;
+        let (service, mut events) = stream.into_parts();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(ev) => {
+                        let stamped = Stamped {
+                            event: classify(&ev),
+                            at: Instant::now(),
+                        };
+                        tracing::debug!(event = ?stamped.event, "QMP event");
+                        if tx.send(stamped).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "QMP stream error");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            path: path.to_path_buf(),
+            service,
+            events: rx,
+            reader,
+        })
+    }
+
+    /// Connect, retrying until `timeout` (the socket appears when QEMU starts).
+    pub async fn connect_retry(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::connect(path).await {
+                Ok(q) => return Ok(q),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    async fn run<C>(&self, command: C) -> Result<C::Ok, QmpError>
+    where
+        C: qapi::qmp::QmpCommand,
+    {
+        let name = C::NAME;
+        self.service
+            .execute(command)
+            .await
+            .map_err(|e| QmpError::Command {
+                command: name,
+                message: e.to_string(),
+            })
+    }
+
+    /// `set_link name up|down`.
+    pub async fn set_link(&self, name: &str, up: bool) -> Result<(), QmpError> {
+        self.run(SetLink {
+            name: name.to_string(),
+            up,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Start an outgoing migration to `uri`.
+    pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        self.run(Migrate {
+            uri: uri.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `query-migrate`.
+    pub async fn query_migrate(&self) -> Result<MigrateInfo, QmpError> {
+        self.run(QueryMigrate {}).await
+    }
+
+    /// `query-status`.
+    pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
+        self.run(QueryStatus {}).await
+    }
+
+    /// `cont`.
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.run(Cont {}).await.map(drop)
+    }
+
+    /// `quit` (the connection closes right after; a closed stream counts as done).
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.run(Quit {}).await {
+            Ok(_) => Ok(()),
+            Err(QmpError::Command { message, .. })
+                if message.contains("EOF") || message.contains("disconnected") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Next event, or `None` when the connection closed.
+    pub async fn next_event(&mut self) -> Option<Stamped> {
+        self.events.recv().await
+    }
+
+    /// Wait for an event matching `want`, until `timeout`.
+    pub async fn wait_event(
+        &mut self,
+        what: &'static str,
+        timeout: Duration,
+        want: impl Fn(&QmpEvent) -> bool,
+    ) -> Result<Stamped, QmpError> {
+        let fut = async {
+            while let Some(ev) = self.events.recv().await {
+                if want(&ev.event) {
+                    return Ok(ev);
+                }
+            }
+            Err(QmpError::Closed(self.path.clone()))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what,
+                after: timeout,
+            })?
+    }
+
+    /// Events received so far that nobody consumed (non-blocking).
+    pub fn drain_events(&mut self) -> Vec<Stamped> {
+        std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+    }
+}
