@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::binding::MAX_STANDBY;
 use crate::update::{RetransmitPolicy, UpdateClient, UpdateKey, UpdateOutcome, UpdateRepr};
@@ -39,7 +39,7 @@ pub type IfIndex = u32;
 /// Which NIC of the VM an interface is. The roles only break ties (the primary
 /// wins when both links come up at once); after a migration the secondary is
 /// the active one and the primary becomes the next standby.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The NIC that is normally active at boot.
