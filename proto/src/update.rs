@@ -597,8 +597,21 @@ impl UpdateClient {
         if ack.hoa != self.repr.hoa || ack.seq != self.repr.seq || ack.key_id != self.repr.key_id {
             return false;
         }
+        // A retransmission whose first ack was lost is answered "stale" with
+        // last_accepted == our seq and the current assertion: that is our
+        // own update, durably accepted.
+        let ours = ack.status == AckStatus::StaleSeq
+            && ack.last_accepted_seq == self.repr.seq
+            && ack.assertion.as_deref().is_some_and(|a| {
+                crate::assertion::BindingAssertion::decode(a).is_ok_and(|a| {
+                    a.seq == self.repr.seq
+                        && a.active == self.repr.active
+                        && a.standby == self.repr.standby
+                })
+            });
         let outcome = match ack.status {
             AckStatus::Accepted => UpdateOutcome::Accepted(ack),
+            _ if ours => UpdateOutcome::Accepted(ack),
             AckStatus::StaleSeq => UpdateOutcome::Stale {
                 last_accepted: ack.last_accepted_seq,
             },

@@ -1,0 +1,533 @@
+//! The update path: a UDP receive thread (rate limit → checked parse → key
+//! lookup → constant-time HMAC verify → seq check → sign the assertion) and a
+//! single committer thread that group-commits every pending job in one store
+//! transaction, then updates the index, publishes watch events and only then
+//! sends the acks.
+//!
+//! Unauthenticated, malformed, unknown-key or wrong-HoA datagrams get no reply
+//! and change nothing. Authenticated but stale ones get a stale ack carrying
+//! the last accepted seq (and the current assertion), and change nothing.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mat6_proto::assertion::SigningKey;
+use mat6_proto::binding::{Binding, SiteInfo};
+use mat6_proto::control::{AdminOp, ErrorCode, ProvisionedKey, Response, WatchChange, WatchEvent};
+use mat6_proto::update::{AckRepr, AckStatus, UpdateKey, UpdatePacket, UpdateRepr, MAX_ACK_LEN};
+use ring::hmac;
+use tokio::sync::{broadcast, oneshot};
+
+use crate::index::{changed_event, Index};
+use crate::metrics::{Metrics, Reject};
+use crate::store::{BindingStore, HoaRecord, StoreOp, StoredBinding};
+
+/// Work for the committer.
+#[derive(Debug)]
+pub enum Job {
+    /// A verified update that looked fresh when received.
+    Update(Box<UpdateJob>),
+    /// An operator operation that writes.
+    Admin {
+        /// The operation.
+        op: AdminOp,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+/// A verified update waiting for its commit.
+#[derive(Debug)]
+pub struct UpdateJob {
+    /// The update.
+    pub repr: UpdateRepr,
+    /// Where the ack goes.
+    pub from: SocketAddr,
+    /// The HoA's key (to tag the ack).
+    pub key: hmac::Key,
+    /// The binding it produces.
+    pub binding: Binding,
+    /// Signature of its assertion.
+    pub signature: [u8; 64],
+}
+
+/// State shared by the threads and the control server.
+#[derive(Debug)]
+pub struct Shared {
+    /// Committed state.
+    pub index: RwLock<Index>,
+    /// Watch events (sent while the index write lock is held).
+    pub events: broadcast::Sender<Arc<WatchEvent>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// IMS signing key.
+    pub signing: SigningKey,
+    /// Set to stop the threads.
+    pub stop: AtomicBool,
+}
+
+/// Update-path limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Refuse lifetimes above this.
+    pub max_lifetime_s: u32,
+    /// Token-bucket rate per source IP (datagrams/s).
+    pub rate_per_s: f64,
+    /// Token-bucket depth.
+    pub burst: f64,
+    /// Most jobs in one commit.
+    pub max_batch: usize,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Per-source token bucket.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+    last_sweep: Instant,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `rate` per second with bursts of `burst`.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        RateLimiter {
+            rate,
+            burst: burst.max(1.0),
+            buckets: HashMap::new(),
+            last_sweep: now,
+        }
+    }
+
+    /// Takes one token for `ip` if available.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if now.duration_since(self.last_sweep) > Duration::from_secs(10) {
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets
+                .retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
+            self.last_sweep = now;
+        }
+        let (tokens, at) = self.buckets.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn send_ack(sock: &UdpSocket, to: SocketAddr, key: &hmac::Key, ack: &AckRepr) {
+    let mut buf = [0u8; MAX_ACK_LEN];
+    if let Ok(n) = ack.emit(key, &mut buf) {
+        let _ = sock.send_to(&buf[..n], to);
+    }
+}
+
+/// The receive loop (runs on its own thread until `shared.stop`).
+pub fn recv_loop(sock: UdpSocket, shared: Arc<Shared>, limits: Limits, jobs: SyncSender<Job>) {
+    let mut buf = [0u8; 2048];
+    let mut limiter = RateLimiter::new(limits.rate_per_s, limits.burst, Instant::now());
+    let m = &shared.metrics;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(_) => continue, // read timeout or transient error
+        };
+        if !limiter.allow(from.ip(), Instant::now()) {
+            m.reject(Reject::RateLimited);
+            continue;
+        }
+        let Ok(p) = UpdatePacket::new_checked(&buf[..n]) else {
+            m.reject(Reject::Malformed);
+            continue;
+        };
+        let hoa = p.hoa();
+        let (key, last_seq, current) = {
+            let Ok(ix) = shared.index.read() else {
+                return;
+            };
+            let Some(e) = ix.get(&hoa) else {
+                m.reject(Reject::UnknownHoa);
+                continue;
+            };
+            if e.key_id() != p.key_id() {
+                m.reject(Reject::UnknownKey);
+                continue;
+            }
+            (
+                hmac::Key::new(hmac::HMAC_SHA256, e.secret()),
+                e.seq(),
+                e.assertion(),
+            )
+        };
+        if p.verify(&key).is_err() {
+            m.reject(Reject::BadTag);
+            continue;
+        }
+        let repr = UpdateRepr::parse(&p);
+        if repr.seq <= last_seq {
+            m.reject(Reject::StaleSeq);
+            let ack = AckRepr {
+                status: AckStatus::StaleSeq,
+                key_id: repr.key_id,
+                seq: repr.seq,
+                last_accepted_seq: last_seq,
+                hoa,
+                assertion: current,
+            };
+            send_ack(&sock, from, &key, &ack);
+            continue;
+        }
+        if repr.lifetime_s > limits.max_lifetime_s {
+            m.reject(Reject::Policy);
+            let ack = AckRepr {
+                status: AckStatus::Refused,
+                key_id: repr.key_id,
+                seq: repr.seq,
+                last_accepted_seq: last_seq,
+                hoa,
+                assertion: None,
+            };
+            send_ack(&sock, from, &key, &ack);
+            continue;
+        }
+        let binding = Binding {
+            hoa,
+            active: repr.active,
+            standby: repr.standby.clone(),
+            seq: repr.seq,
+            expires_unix: unix_now().saturating_add(u64::from(repr.lifetime_s)),
+            key_id: repr.key_id,
+        };
+        let signature = shared.signing.sign(&binding).signature;
+        let job = Job::Update(Box::new(UpdateJob {
+            repr,
+            from,
+            key,
+            binding,
+            signature,
+        }));
+        if jobs.send(job).is_err() {
+            return;
+        }
+    }
+}
+
+/// Batch-local view of records changed by earlier jobs of the same batch.
+type Overlay = HashMap<Ipv6Addr, Option<HoaRecord>>;
+
+enum Outgoing {
+    Ack(SocketAddr, hmac::Key, AckRepr),
+    Reply(oneshot::Sender<Response>, Response),
+}
+
+/// What a batch changes in the index, in order.
+enum Apply {
+    Put(Box<HoaRecord>),
+    Delete(Ipv6Addr, u64),
+    PutSite(SiteInfo),
+    RemoveSite(String),
+}
+
+/// The committer loop (its own thread; ends when `jobs` closes or on stop).
+pub fn commit_loop(
+    mut store: Box<dyn BindingStore>,
+    sock: UdpSocket,
+    shared: Arc<Shared>,
+    limits: Limits,
+    jobs: Receiver<Job>,
+) {
+    let m = shared.metrics.clone();
+    loop {
+        let first = match jobs.recv_timeout(Duration::from_millis(100)) {
+            Ok(j) => j,
+            Err(RecvTimeoutError::Timeout) => {
+                if shared.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < limits.max_batch {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        m.batch_size.observe(batch.len() as f64);
+        run_batch(&mut *store, &sock, &shared, batch);
+    }
+}
+
+fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, batch: Vec<Job>) {
+    let m = &shared.metrics;
+    let (mut revision, mut next_key_id) = match shared.index.read() {
+        Ok(ix) => (ix.revision, ix.next_key_id),
+        Err(_) => return,
+    };
+    let mut overlay: HashMap<Ipv6Addr, Option<HoaRecord>> = HashMap::new();
+    let mut ops = Vec::with_capacity(batch.len());
+    let mut applies = Vec::with_capacity(batch.len());
+    let mut events = Vec::new();
+    let mut out = Vec::with_capacity(batch.len());
+    let mut accepted = 0u64;
+    {
+        let Ok(ix) = shared.index.read() else {
+            return;
+        };
+        let current = |overlay: &HashMap<Ipv6Addr, Option<HoaRecord>>, hoa: &Ipv6Addr| match overlay
+            .get(hoa)
+        {
+            Some(r) => r.clone(),
+            None => ix.get(hoa).map(|e| e.to_record()),
+        };
+        for job in batch {
+            match job {
+                Job::Update(u) => {
+                    let UpdateJob {
+                        repr,
+                        from,
+                        key,
+                        binding,
+                        signature,
+                    } = *u;
+                    let Some(mut rec) = current(&overlay, &repr.hoa) else {
+                        continue; // deleted meanwhile: no reply
+                    };
+                    if rec.key_id != repr.key_id {
+                        continue; // key rotated meanwhile: no reply
+                    }
+                    let last = rec.binding.as_ref().map_or(0, |b| b.binding.seq);
+                    if repr.seq <= last {
+                        m.reject(Reject::StaleSeq);
+                        let ack = AckRepr {
+                            status: AckStatus::StaleSeq,
+                            key_id: repr.key_id,
+                            seq: repr.seq,
+                            last_accepted_seq: last,
+                            hoa: repr.hoa,
+                            assertion: rec.binding.as_ref().map(|b| {
+                                crate::index::assertion_of(&b.binding, b.signature).encode()
+                            }),
+                        };
+                        out.push(Outgoing::Ack(from, key, ack));
+                        continue;
+                    }
+                    revision += 1;
+                    let assertion = crate::index::assertion_of(&binding, signature).encode();
+                    let sb = StoredBinding {
+                        binding,
+                        activate: repr.activate,
+                        revision,
+                        signature,
+                    };
+                    events.push(changed_event(&sb));
+                    rec.binding = Some(sb);
+                    overlay.insert(repr.hoa, Some(rec.clone()));
+                    let rec = Box::new(rec);
+                    ops.push(StoreOp::PutHoa(rec.clone()));
+                    applies.push(Apply::Put(rec));
+                    accepted += 1;
+                    let ack = AckRepr {
+                        status: AckStatus::Accepted,
+                        key_id: repr.key_id,
+                        seq: repr.seq,
+                        last_accepted_seq: repr.seq,
+                        hoa: repr.hoa,
+                        assertion: Some(assertion),
+                    };
+                    out.push(Outgoing::Ack(from, key, ack));
+                }
+                Job::Admin { op, reply } => {
+                    let resp = match op {
+                        AdminOp::KeyAdd { hoa } => admin_keys(
+                            &[hoa],
+                            &mut overlay,
+                            &current,
+                            &mut next_key_id,
+                            &mut ops,
+                            &mut applies,
+                        ),
+                        AdminOp::KeyAddMany { hoas } => admin_keys(
+                            &hoas,
+                            &mut overlay,
+                            &current,
+                            &mut next_key_id,
+                            &mut ops,
+                            &mut applies,
+                        ),
+                        AdminOp::BindingDelete { hoa } => {
+                            if current(&overlay, &hoa).is_none() {
+                                Response::Error {
+                                    code: ErrorCode::NotFound,
+                                    message: format!("no HoA {hoa}"),
+                                }
+                            } else {
+                                revision += 1;
+                                overlay.insert(hoa, None);
+                                ops.push(StoreOp::DeleteHoa { hoa, revision });
+                                applies.push(Apply::Delete(hoa, revision));
+                                events.push(WatchEvent {
+                                    revision,
+                                    change: WatchChange::Deleted { hoa },
+                                });
+                                Response::Ok
+                            }
+                        }
+                        AdminOp::SiteAdd { site } => match site.validate() {
+                            Err(e) => Response::Error {
+                                code: ErrorCode::BadRequest,
+                                message: e.to_string(),
+                            },
+                            Ok(()) => {
+                                ops.push(StoreOp::PutSite(site.clone()));
+                                applies.push(Apply::PutSite(site));
+                                Response::Ok
+                            }
+                        },
+                        AdminOp::SiteRemove { name } => {
+                            if ix.sites().contains_key(&name) {
+                                ops.push(StoreOp::RemoveSite(name.clone()));
+                                applies.push(Apply::RemoveSite(name));
+                                Response::Ok
+                            } else {
+                                Response::Error {
+                                    code: ErrorCode::NotFound,
+                                    message: format!("no site {name:?}"),
+                                }
+                            }
+                        }
+                        AdminOp::BindingsList { .. } => Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message: "read-only operation sent to the committer".into(),
+                        },
+                    };
+                    out.push(Outgoing::Reply(reply, resp));
+                }
+            }
+        }
+    }
+    if !ops.is_empty() {
+        let t = Instant::now();
+        if let Err(e) = store.commit(&ops, revision, next_key_id) {
+            m.commit_errors.inc();
+            tracing::error!(error = %e, "store commit failed; batch not acknowledged");
+            for o in out {
+                if let Outgoing::Reply(r, _) = o {
+                    let _ = r.send(Response::Error {
+                        code: ErrorCode::Internal,
+                        message: e.to_string(),
+                    });
+                }
+            }
+            return;
+        }
+        m.commit_latency.observe(t.elapsed().as_secs_f64());
+        let Ok(mut ix) = shared.index.write() else {
+            return;
+        };
+        for a in applies {
+            match a {
+                Apply::Put(r) => ix.put(&r),
+                Apply::Delete(h, rev) => ix.remove(&h, rev),
+                Apply::PutSite(s) => ix.put_site(s),
+                Apply::RemoveSite(n) => {
+                    ix.remove_site(&n);
+                }
+            }
+        }
+        ix.revision = revision;
+        ix.next_key_id = next_key_id;
+        m.hoas.set(ix.len() as i64);
+        for ev in events {
+            let _ = shared.events.send(Arc::new(ev));
+        }
+    }
+    m.updates_accepted.inc_by(accepted);
+    for o in out {
+        match o {
+            Outgoing::Ack(to, key, ack) => send_ack(sock, to, &key, &ack),
+            Outgoing::Reply(r, resp) => {
+                let _ = r.send(resp);
+            }
+        }
+    }
+}
+
+fn admin_keys(
+    hoas: &[Ipv6Addr],
+    overlay: &mut Overlay,
+    current: &dyn Fn(&Overlay, &Ipv6Addr) -> Option<HoaRecord>,
+    next_key_id: &mut u32,
+    ops: &mut Vec<StoreOp>,
+    applies: &mut Vec<Apply>,
+) -> Response {
+    let mut keys = Vec::with_capacity(hoas.len());
+    for &hoa in hoas {
+        let key_id = *next_key_id;
+        let Ok(k) = UpdateKey::generate(key_id) else {
+            return Response::Error {
+                code: ErrorCode::Internal,
+                message: "system random number generator failed".into(),
+            };
+        };
+        *next_key_id = next_key_id.wrapping_add(1).max(1);
+        // Rotation keeps the binding and its seq; the new key signs from now on.
+        let binding = current(overlay, &hoa).and_then(|r| r.binding);
+        let rec = HoaRecord {
+            hoa,
+            key_id,
+            secret: k.secret,
+            binding,
+        };
+        overlay.insert(hoa, Some(rec.clone()));
+        let rec = Box::new(rec);
+        ops.push(StoreOp::PutHoa(rec.clone()));
+        applies.push(Apply::Put(rec));
+        keys.push(ProvisionedKey {
+            hoa,
+            key_id,
+            secret_b64: k.secret_b64(),
+        });
+    }
+    Response::KeysAdded { keys }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn token_bucket() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(10.0, 3.0, t0);
+        let ip: IpAddr = "::1".parse().unwrap();
+        let other: IpAddr = "::2".parse().unwrap();
+        assert!(rl.allow(ip, t0));
+        assert!(rl.allow(ip, t0));
+        assert!(rl.allow(ip, t0));
+        assert!(!rl.allow(ip, t0));
+        assert!(rl.allow(other, t0));
+        assert!(rl.allow(ip, t0 + Duration::from_millis(100)));
+        assert!(!rl.allow(ip, t0 + Duration::from_millis(100)));
+        // Sweeping forgets full buckets but keeps behaviour.
+        assert!(rl.allow(ip, t0 + Duration::from_secs(11)));
+    }
+}
