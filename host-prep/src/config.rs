@@ -124,12 +124,6 @@ pub struct ImsSettings {
     pub server_name: String,
     /// CA certificate (PEM) that signed the IMS certificate.
     pub ca_cert: PathBuf,
-    /// Optional client certificate / key for admin access (PEM).
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    /// Key file matching `client_cert` (must be mode 0600).
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
 }
 
 fn default_server_name() -> String {

@@ -10,9 +10,19 @@
 //!
 //! Protocol logic is sans-IO ([`ra`]); the rest is thin I/O glue.
 
+pub mod cli;
 pub mod config;
+pub mod error;
+pub mod host;
+pub mod ims;
+pub mod migrate;
+pub mod prepare;
 pub mod qmp;
 pub mod ra;
+pub mod ra_io;
+pub mod receive;
 pub mod report;
 pub mod state;
 pub mod template;
+
+pub use error::Error;

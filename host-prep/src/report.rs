@@ -46,6 +46,9 @@ pub struct MigrationReport {
     pub switch_ms: f64,
     /// Source clean-up (RA sender stopped, bridge restored, source QEMU quit).
     pub cleanup_ms: f64,
+    /// QMP `migrate` until the switch was done (the migration without the
+    /// preparation).
+    pub migration_ms: f64,
     /// Start of the command until the switch was done (T_ALL).
     pub total_ms: f64,
     /// RAM bytes transferred.
@@ -77,8 +80,9 @@ impl fmt::Display for MigrationReport {
             ("pre-copy", self.precopy_ms),
             ("downtime (reported by QEMU)", self.qemu_downtime_ms),
             ("switch (RESUME -> set_link off)", self.switch_ms),
-            ("source clean-up", self.cleanup_ms),
+            ("migrate -> switch done", self.migration_ms),
             ("total (T_ALL)", self.total_ms),
+            ("source clean-up (after T_ALL)", self.cleanup_ms),
         ];
         for (name, v) in rows {
             writeln!(f, "{name:<34} {v:>12.1}")?;
@@ -111,6 +115,7 @@ mod tests {
             qemu_total_ms: 660.0,
             switch_ms: 0.4,
             cleanup_ms: 12.0,
+            migration_ms: 667.0,
             total_ms: 1160.0,
             transferred_bytes: 1 << 20,
             dirty_sync_count: 3,

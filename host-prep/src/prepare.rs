@@ -1,0 +1,273 @@
+//! `prepare` (source host): make the VM's standby NIC see the destination
+//! link before the migration, and wait until the guest-agent has registered
+//! a standby MoA for it at the IMS.
+//!
+//! Steps, each timed: site lookup → bridge impersonates the destination
+//! gateway (MAC + link-local, nodad) → RA sender on the bridge → standby NIC
+//! carrier on (QMP `set_link`) → standby MoA at the IMS. Any failure undoes
+//! what was done (RA sender stopped with a final RA, address removed, MAC
+//! restored) before the error is returned.
+
+use std::net::Ipv6Addr;
+use std::time::Instant;
+
+use mat6_net::bridge::{self, Impersonation};
+use mat6_net::netlink::Netlink;
+use mat6_proto::binding::SiteInfo;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use crate::host::Host;
+use crate::ims::Registry;
+use crate::qmp::Qmp;
+use crate::ra::{self, RaTiming};
+use crate::ra_io::RaTask;
+use crate::report::ms;
+
+/// One timed step.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Step {
+    /// Step name.
+    pub name: &'static str,
+    /// Duration in milliseconds.
+    pub ms: f64,
+}
+
+/// What `prepare` reports once the standby is ready.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    /// VM.
+    pub vm: String,
+    /// Destination site.
+    pub site: String,
+    /// Destination prefix.
+    pub prefix: String,
+    /// Standby NIC.
+    pub standby_nic: String,
+    /// The standby MoA the IMS shows.
+    pub standby_moa: Ipv6Addr,
+    /// Bridge that impersonates the destination gateway.
+    pub bridge: String,
+    /// Step timings.
+    pub steps: Vec<Step>,
+    /// Whole preparation, ms.
+    pub prep_ms: f64,
+}
+
+/// A prepared source host: the RA sender runs and the bridge impersonates
+/// the destination gateway until [`Prepared::release`].
+#[derive(Debug)]
+pub struct Prepared {
+    /// What was achieved.
+    pub readiness: Readiness,
+    /// The destination site.
+    pub site: SiteInfo,
+    undo: Undo,
+}
+
+#[derive(Debug)]
+struct Undo {
+    nl: Netlink,
+    nl_task: JoinHandle<()>,
+    imp: Option<Impersonation>,
+    ra: Option<RaTask>,
+}
+
+impl Undo {
+    async fn run(&mut self) -> Result<(), Error> {
+        let mut first = None;
+        if let Some(ra) = self.ra.take() {
+            match ra.stop().await {
+                Ok(stats) => tracing::debug!(?stats, "RA sender stopped"),
+                Err(e) => {
+                    first.get_or_insert(Error::from(e));
+                }
+            }
+        }
+        if let Some(imp) = self.imp.take() {
+            if let Err(e) = bridge::restore(&self.nl, &imp).await {
+                first.get_or_insert(Error::from(e));
+            } else {
+                tracing::info!(bridge = %imp.bridge, "bridge restored");
+            }
+        }
+        self.nl_task.abort();
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Undo {
+    /// Safety net when a `Prepared` is dropped without `release` (a signal
+    /// ended the command): put the bridge back with synchronous `ip` calls.
+    fn drop(&mut self) {
+        if let Some(imp) = self.imp.take() {
+            tracing::warn!(bridge = %imp.bridge, "restoring bridge on drop");
+            let run = |args: &[&str]| {
+                let _ = std::process::Command::new("ip")
+                    .args(args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            };
+            if imp.added_addr {
+                run(&[
+                    "-6",
+                    "addr",
+                    "del",
+                    &format!("{}/64", imp.gateway_ll),
+                    "dev",
+                    &imp.bridge,
+                ]);
+            }
+            if let Some(mac) = imp.old_mac {
+                run(&[
+                    "link",
+                    "set",
+                    "dev",
+                    &imp.bridge,
+                    "address",
+                    &mat6_net::netlink::fmt_mac(&mac),
+                ]);
+            }
+            if !imp.was_up {
+                run(&["link", "set", "dev", &imp.bridge, "down"]);
+            }
+        }
+        self.nl_task.abort();
+    }
+}
+
+impl Prepared {
+    /// Stop the RA sender (final RA with router lifetime 0) and restore the
+    /// bridge (address removed, MAC and admin state as before).
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.undo.run().await
+    }
+}
+
+/// Prepare `vm_name` on this host for a migration to site `to`.
+pub async fn prepare<R: Registry>(
+    host: &Host,
+    reg: &R,
+    qmp: &Qmp,
+    vm_name: &str,
+    to: &str,
+) -> Result<Prepared, Error> {
+    let t0 = Instant::now();
+    let vm = host.vm(vm_name)?;
+    let roles = host.roles(vm_name, vm, None)?;
+    if to == host.site {
+        return Err(Error::SameSite {
+            vm: vm_name.to_string(),
+            site: to.to_string(),
+        });
+    }
+    let local = host.local()?;
+    let mut steps = Vec::new();
+    let mut step = |name: &'static str, since: &mut Instant| {
+        let now = Instant::now();
+        steps.push(Step {
+            name,
+            ms: ms(now - *since),
+        });
+        *since = now;
+    };
+    let mut t = t0;
+
+    let site = reg.site(to).await?;
+    step("site lookup", &mut t);
+    tracing::info!(site = %site.name, prefix = %site.prefix, gateway = %site.gateway_ll, mac = %site.gateway_mac, "destination site");
+
+    let (nl, nl_task) = Netlink::connect()?;
+    let mut undo = Undo {
+        nl,
+        nl_task,
+        imp: None,
+        ra: None,
+    };
+    let result = async {
+        // The standby NIC's tap must be on the no-uplink bridge, alone.
+        let br = bridge::require(&undo.nl, &local.standby_bridge).await?;
+        let ports = bridge::ports(&undo.nl, &br).await?;
+        if !ports.iter().any(|p| p.name == roles.standby.tap) {
+            return Err(Error::StandbyNotOnBridge {
+                vm: vm_name.to_string(),
+                nic: roles.standby.id.clone(),
+                tap: roles.standby.tap.clone(),
+                bridge: local.standby_bridge.clone(),
+            });
+        }
+        let imp = bridge::impersonate_gateway(
+            &undo.nl,
+            &local.standby_bridge,
+            site.gateway_ll,
+            site.gateway_mac.0,
+            &[roles.standby.tap.as_str()],
+        )
+        .await?;
+        let ifindex = imp.ifindex;
+        undo.imp = Some(imp);
+        step("bridge", &mut t);
+
+        let timing = ra::timing_for(site.ra.as_ref(), RaTiming::from(&host.cfg.ra));
+        undo.ra = Some(RaTask::start(ifindex, site.clone(), timing)?);
+        step("RA sender", &mut t);
+
+        qmp.set_link(&roles.standby.id, true)
+            .await
+            .map_err(|source| Error::NoSuchNic {
+                vm: vm_name.to_string(),
+                nic: roles.standby.id.clone(),
+                source: Box::new(source),
+            })?;
+        step("standby carrier on", &mut t);
+
+        let moa = reg
+            .wait_standby(vm.hoa, site.prefix, host.cfg.timeouts.prepare())
+            .await?;
+        step("standby MoA", &mut t);
+        Ok(moa)
+    }
+    .await;
+
+    match result {
+        Ok(standby_moa) => {
+            let readiness = Readiness {
+                vm: vm_name.to_string(),
+                site: site.name.clone(),
+                prefix: site.prefix.to_string(),
+                standby_nic: roles.standby.id.clone(),
+                standby_moa,
+                bridge: local.standby_bridge.clone(),
+                steps,
+                prep_ms: ms(t0.elapsed()),
+            };
+            Ok(Prepared {
+                readiness,
+                site,
+                undo,
+            })
+        }
+        Err(e) => {
+            if let Err(ue) = undo.run().await {
+                tracing::error!(error = %ue, "rollback after failed preparation incomplete");
+            }
+            Err(e)
+        }
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "vm {} ready for site {}: standby NIC {} has MoA {} ({} on bridge {})",
+            self.vm, self.site, self.standby_nic, self.standby_moa, self.prefix, self.bridge
+        )?;
+        for s in &self.steps {
+            writeln!(f, "  {:<22} {:>10.1} ms", s.name, s.ms)?;
+        }
+        write!(f, "  {:<22} {:>10.1} ms", "preparation total", self.prep_ms)
+    }
+}

@@ -1,0 +1,315 @@
+//! `receive` (destination host): attach the VM's taps swapped (the prepared
+//! standby NIC on the real bridge, the currently active NIC on the bridge
+//! with no uplink), start the incoming QEMU (or use one another tool
+//! started), and on QMP `RESUME` turn the old active NIC's carrier off at
+//! once. Progress goes out as [`ReceiveEvent`]s (JSON lines with `--json`),
+//! which `migrate` on the source reads.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Instant;
+
+use mat6_net::bridge;
+use mat6_net::netlink::Netlink;
+use serde::{Deserialize, Serialize};
+
+use crate::config::NicConfig;
+use crate::error::Error;
+use crate::host::Host;
+use crate::qmp::{Qmp, QmpEvent};
+use crate::report::ms;
+use crate::state::{self, VmState};
+use crate::template;
+
+/// How the destination attaches the NICs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    /// Prepared migration: the standby NIC goes on the real bridge, the
+    /// active one on the no-uplink bridge, and its carrier goes off on RESUME.
+    Swap,
+    /// Unprepared migration: same roles as on the source, no switch.
+    Keep,
+}
+
+impl Attach {
+    /// As the `{attach}` placeholder value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attach::Swap => "swap",
+            Attach::Keep => "keep",
+        }
+    }
+}
+
+/// What to receive.
+#[derive(Debug, Clone)]
+pub struct ReceiveOpts {
+    /// VM name.
+    pub vm: String,
+    /// NIC active on the source (default: the state file, else the first NIC).
+    pub active: Option<String>,
+    /// Swap or keep the attachments.
+    pub attach: Attach,
+    /// Do not start QEMU: another tool started the incoming QEMU; connect to
+    /// the configured QMP socket.
+    pub existing: bool,
+}
+
+/// Progress of `receive`, one JSON object per line with `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ReceiveEvent {
+    /// The incoming QEMU listens; the source may start the migration.
+    Listening {
+        /// VM.
+        vm: String,
+        /// PID of the QEMU we started (none with `--existing`).
+        qemu_pid: Option<u32>,
+        /// `-incoming` URI.
+        incoming: String,
+        /// QMP socket.
+        qmp: PathBuf,
+        /// Time to attach the taps and get QEMU listening, ms.
+        start_ms: f64,
+    },
+    /// The VM resumed here and the switch is done.
+    Switched {
+        /// VM.
+        vm: String,
+        /// NIC active before.
+        old_active: String,
+        /// NIC active now.
+        new_active: String,
+        /// Attachment mode.
+        attach: Attach,
+        /// `RESUME` until `set_link <old active> off` returned, ms (0 with keep).
+        switch_ms: f64,
+    },
+    /// Receiving failed.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Kills the QEMU we started unless disarmed (error paths).
+struct QemuGuard(Option<tokio::process::Child>);
+
+impl QemuGuard {
+    fn pid(&self) -> Option<u32> {
+        self.0.as_ref().and_then(|c| c.id())
+    }
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            tracing::warn!(pid = ?c.id(), "killing the incoming QEMU we started");
+            let _ = c.start_kill();
+        }
+    }
+}
+
+async fn ensure_tap(
+    nl: &Netlink,
+    nic: &NicConfig,
+    bridge_name: &str,
+    create: bool,
+) -> Result<(), Error> {
+    match nl.link_by_name(&nic.tap).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() && create => {
+            let out = tokio::process::Command::new("ip")
+                .args(["tuntap", "add", "dev", &nic.tap, "mode", "tap"])
+                .output()
+                .await
+                .map_err(|source| Error::Process {
+                    what: format!("ip tuntap add dev {}", nic.tap),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(Error::Process {
+                    what: format!("ip tuntap add dev {}", nic.tap),
+                    source: std::io::Error::other(
+                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    ),
+                });
+            }
+            tracing::info!(tap = %nic.tap, "tap created");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    bridge::attach(nl, &nic.tap, bridge_name).await?;
+    tracing::info!(nic = %nic.id, tap = %nic.tap, bridge = bridge_name, "tap attached");
+    Ok(())
+}
+
+/// Receive the VM on this host; `emit` gets the progress events.
+pub async fn receive(
+    host: &Host,
+    opts: &ReceiveOpts,
+    mut emit: impl FnMut(&ReceiveEvent),
+) -> Result<ReceiveEvent, Error> {
+    let t0 = Instant::now();
+    let vm = host.vm(&opts.vm)?;
+    let roles = host.roles(&opts.vm, vm, opts.active.as_deref())?;
+    let local = host.local()?;
+    // `up` goes on the real bridge and is active after the migration.
+    let (up, down) = match opts.attach {
+        Attach::Swap => (roles.standby, roles.active),
+        Attach::Keep => (roles.active, roles.standby),
+    };
+    let qmp_path = host.qmp_path(&opts.vm, vm)?;
+    let incoming = host.incoming(&opts.vm, vm)?;
+
+    let (nl, nl_task) = Netlink::connect()?;
+    let attached = async {
+        ensure_tap(&nl, up, &local.bridge, !opts.existing).await?;
+        ensure_tap(&nl, down, &local.standby_bridge, !opts.existing).await
+    }
+    .await;
+    nl_task.abort();
+    attached?;
+
+    let mut guard = QemuGuard(None);
+    if !opts.existing {
+        let mut vars = host.base_vars(&opts.vm, vm);
+        vars.insert("qmp".into(), qmp_path.display().to_string());
+        vars.insert("incoming".into(), incoming.clone());
+        for (nic, br) in [(up, &local.bridge), (down, &local.standby_bridge)] {
+            vars.insert(format!("tap:{}", nic.id), nic.tap.clone());
+            vars.insert(format!("bridge:{}", nic.id), br.clone());
+        }
+        let argv = template::expand(&vm.qemu_command, &vars)?;
+        let (prog, args) = argv.split_first().ok_or(template::TemplateError::Empty)?;
+        let mut cmd = tokio::process::Command::new(prog);
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
+        // stdout may be the JSON event stream: QEMU must not write there.
+        match &vm.qemu_log {
+            Some(p) => {
+                let f = std::fs::File::create(p).map_err(|source| Error::Output {
+                    path: p.clone(),
+                    source,
+                })?;
+                let f2 = f.try_clone().map_err(|source| Error::Output {
+                    path: p.clone(),
+                    source,
+                })?;
+                cmd.stdout(f).stderr(f2);
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+            }
+        }
+        let child = cmd.spawn().map_err(|source| Error::Process {
+            what: format!("start destination QEMU ({prog})"),
+            source,
+        })?;
+        tracing::info!(pid = ?child.id(), "incoming QEMU started");
+        guard = QemuGuard(Some(child));
+    }
+
+    let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
+    emit(&ReceiveEvent::Listening {
+        vm: opts.vm.clone(),
+        qemu_pid: guard.pid(),
+        incoming,
+        qmp: qmp_path.clone(),
+        start_ms: ms(t0.elapsed()),
+    });
+
+    // With --existing the migration may have finished before we connected.
+    let already_running =
+        opts.existing && qmp.query_status().await.map(|s| s.running).unwrap_or(false);
+    let resumed_at = if already_running {
+        tracing::warn!("VM already running when receive connected: switching now");
+        Instant::now()
+    } else {
+        let migrate_timeout = host.cfg.timeouts.migrate();
+        let wait = qmp.wait_event("RESUME of the incoming VM", migrate_timeout, |e| {
+            matches!(e, QmpEvent::Resume | QmpEvent::Shutdown)
+        });
+        let ev = match &mut guard.0 {
+            Some(child) => {
+                tokio::select! {
+                    ev = wait => ev?,
+                    status = child.wait() => {
+                        return Err(Error::Destination(format!(
+                            "incoming QEMU exited before the VM resumed ({})",
+                            status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                        )));
+                    }
+                }
+            }
+            None => wait.await?,
+        };
+        if ev.event == QmpEvent::Shutdown {
+            return Err(Error::Destination(
+                "incoming QEMU shut down before the VM resumed".into(),
+            ));
+        }
+        ev.at
+    };
+
+    let switch_ms = match opts.attach {
+        Attach::Swap => {
+            qmp.set_link(&down.id, false)
+                .await
+                .map_err(|source| Error::NoSuchNic {
+                    vm: opts.vm.clone(),
+                    nic: down.id.clone(),
+                    source: Box::new(source),
+                })?;
+            ms(resumed_at.elapsed())
+        }
+        Attach::Keep => 0.0,
+    };
+    guard.disarm();
+    tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, "switched");
+
+    let st = VmState {
+        site: host.site.clone(),
+        active: up.id.clone(),
+        migrations: roles.state.migrations + 1,
+    };
+    state::save(&host.cfg.state_dir, &opts.vm, &st)?;
+    let done = ReceiveEvent::Switched {
+        vm: opts.vm.clone(),
+        old_active: roles.active.id.clone(),
+        new_active: up.id.clone(),
+        attach: opts.attach,
+        switch_ms,
+    };
+    emit(&done);
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn events_are_json_lines_with_a_tag() {
+        let ev = ReceiveEvent::Switched {
+            vm: "web1".into(),
+            old_active: "net0".into(),
+            new_active: "net1".into(),
+            attach: Attach::Swap,
+            switch_ms: 0.25,
+        };
+        let line = serde_json::to_string(&ev).unwrap();
+        assert!(line.starts_with(r#"{"event":"switched""#), "{line}");
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<ReceiveEvent>(&line).unwrap(), ev);
+        let l: ReceiveEvent = serde_json::from_str(
+            r#"{"event":"listening","vm":"v","qemu_pid":null,"incoming":"unix:/x","qmp":"/q","start_ms":1.0}"#,
+        )
+        .unwrap();
+        assert!(matches!(l, ReceiveEvent::Listening { qemu_pid: None, .. }));
+    }
+}
