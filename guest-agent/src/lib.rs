@@ -8,4 +8,6 @@
 //! ([`status`]). See `README.md` for the design and its limits.
 
 pub mod config;
+pub mod daemon;
+pub mod status;
 pub mod translate;

@@ -947,6 +947,25 @@ impl Mobility {
         });
     }
 
+    /// Clean shutdown: queues the removal of every route, neighbour entry,
+    /// translation entry and MoA this machine installed (not the HoA), and
+    /// forgets pending IMS updates and notifications. The binding at the IMS
+    /// is left to expire (a restart re-registers with a newer seq).
+    pub fn shutdown(&mut self) {
+        for k in 0..self.ifaces.len() {
+            let old = std::mem::replace(&mut self.ifaces[k].state, IfaceState::Down);
+            match old {
+                IfaceState::Active(a) => self.teardown(k, &a, self.cfg.timers.active_metric),
+                IfaceState::Standby(a) => self.teardown(k, &a, self.cfg.timers.standby_metric),
+                IfaceState::Down | IfaceState::Unconfigured { .. } => {}
+            }
+        }
+        self.registration = Registration::Idle;
+        self.refresh_at = None;
+        self.notifies.clear();
+        self.handover = None;
+    }
+
     // ---- address events ------------------------------------------------
 
     /// An address was removed from `ifindex` by someone else: if it is one of
@@ -2234,6 +2253,30 @@ mod tests {
                 expires_unix: 0
             }
         ));
+    }
+
+    #[test]
+    fn shutdown_removes_everything_it_added() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.shutdown();
+        let a = drain(&mut m);
+        for (ifindex, moa) in [(2, moa_for(PFX_A, MAC1)), (3, moa_for(PFX_B, MAC2))] {
+            assert!(a.contains(&Action::RemoveMoa {
+                ifindex,
+                moa,
+                prefix_len: 64
+            }));
+            assert!(a
+                .iter()
+                .any(|x| matches!(x, Action::RemoveRoute(r) if r.ifindex == ifindex)));
+            assert!(a
+                .iter()
+                .any(|x| matches!(x, Action::RemoveOwnSource { moa: m, .. } if *m == moa)));
+        }
+        assert!(updates(&a).is_empty());
+        assert_eq!(m.poll_timeout(), None);
+        assert_eq!(m.active_moa(), None);
     }
 
     #[test]

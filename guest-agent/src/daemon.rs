@@ -1,0 +1,720 @@
+//! The daemon: the I/O around [`Mobility`].
+//!
+//! Event sources (each a task feeding one channel): netlink link/address
+//! events, one NDP receiver per managed interface (RAs, already checked for
+//! fragment headers, hop limit and link-local source by `mat6_net::icmp6`),
+//! the IMS update socket, the peer-notification socket, the IMS watch stream
+//! (peers' bindings) and the status socket. The main loop feeds each event to
+//! the state machine, runs its timers and executes its actions: netlink
+//! requests, NDP sends, UDP sends and map updates through one long-lived
+//! `nft -i` session. Nothing on the switch path spawns a process or waits on
+//! TLS: the switch is route changes (netlink), one NA, one UDP datagram.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::IoSlice;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mat6_net::icmp6::{Icmp6Error, NdpReceiver, NdpSender, ALL_NODES, ALL_ROUTERS};
+use mat6_net::netlink::{
+    AddrSpec, EventGroups, NeighState, NetEvent, NetEvents, Netlink, NetlinkError, Route6,
+};
+use mat6_net::nft::{self as nftx, NftError, NftSession};
+use mat6_net::sysctl::{self, Ipv6Key, SysctlError};
+use mat6_proto::mobility::{
+    self, Action, IfaceConfig, LinkEvent, Mobility, MobilityConfig, PeerBinding, RaInput, RaPrefix,
+    Timers,
+};
+use mat6_proto::ndp::NdpRepr;
+use mat6_proto::notify::{self, AckStatus, NotifyError, NotifyRepr};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn6};
+use tokio::io::{AsyncWriteExt as _, Interest};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AgentConfig, ConfigError};
+use crate::translate::{self, Translation};
+
+/// Errors that stop the daemon (each names what to fix).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Configuration or key file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A netlink request failed.
+    #[error("netlink: {0}")]
+    Netlink(#[from] NetlinkError),
+    /// A configured interface is unusable.
+    #[error("interface {name}: {reason}")]
+    Interface {
+        /// Interface name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// nftables refused the ruleset or could not run.
+    #[error("nftables: {0}")]
+    Nft(#[from] NftError),
+    /// A sysctl could not be set.
+    #[error("sysctl: {0}")]
+    Sysctl(#[from] SysctlError),
+    /// A socket could not be opened.
+    #[error("{what}: {source}")]
+    Socket {
+        /// Which socket.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// An NDP socket could not be opened.
+    #[error("NDP socket: {0}")]
+    Icmp6(#[from] Icmp6Error),
+    /// The IMS TLS settings (CA file) are unusable.
+    #[error("IMS TLS settings: {0}")]
+    Tls(ims_client::ClientError),
+}
+
+/// What feeds the main loop.
+#[derive(Debug)]
+enum Event {
+    Net(NetEvent),
+    Ra { ifindex: u32, ra: RaInput },
+    ImsDatagram(Vec<u8>),
+    Notify { bytes: Vec<u8>, from: SocketAddr },
+    PeerRecord(ims_client::BindingRecord),
+    Status(oneshot::Sender<String>),
+}
+
+struct Iface {
+    cfg: IfaceConfig,
+    sender: NdpSender,
+}
+
+/// The running agent.
+struct Agent {
+    cfg: AgentConfig,
+    ims_pk: [u8; 32],
+    m: Mobility,
+    nl: Netlink,
+    nft: NftSession,
+    tr: Translation,
+    ifaces: BTreeMap<u32, Iface>,
+    ims_sock: Arc<UdpSocket>,
+    notify_sock: Arc<UdpSocket>,
+    started: Instant,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn sock_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Socket { what, source }
+}
+
+/// Sends `data` to `dst` from the local address `src` (IPV6_PKTINFO).
+async fn send_from(
+    sock: &UdpSocket,
+    src: Ipv6Addr,
+    dst: SocketAddrV6,
+    data: &[u8],
+) -> std::io::Result<usize> {
+    let to = SockaddrIn6::from(dst);
+    let info = nix::libc::in6_pktinfo {
+        ipi6_addr: nix::libc::in6_addr {
+            s6_addr: src.octets(),
+        },
+        ipi6_ifindex: 0,
+    };
+    let iov = [IoSlice::new(data)];
+    sock.async_io(Interest::WRITABLE, || {
+        let cmsg = [ControlMessage::Ipv6PacketInfo(&info)];
+        sendmsg(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&to))
+            .map_err(std::io::Error::from)
+    })
+    .await
+}
+
+fn to_sockaddr_v6(a: SocketAddr) -> SocketAddrV6 {
+    match a {
+        SocketAddr::V6(v) => v,
+        SocketAddr::V4(v) => SocketAddrV6::new(v.ip().to_ipv6_mapped(), v.port(), 0, 0),
+    }
+}
+
+fn ra_input(p: &mat6_net::icmp6::NdpPacketIn) -> Option<RaInput> {
+    let NdpRepr::RouterAdvert(ra) = &p.repr else {
+        return None;
+    };
+    Some(RaInput {
+        src: p.src,
+        src_mac: ra.source_ll.or(Some(p.src_mac)),
+        hop_limit: p.hop_limit,
+        fragmented: false,
+        router_lifetime_s: ra.router_lifetime_s,
+        prefixes: ra
+            .prefixes
+            .iter()
+            .map(|x| RaPrefix {
+                prefix: x.prefix,
+                prefix_len: x.prefix_len,
+                valid_lifetime_s: x.valid_lifetime_s,
+            })
+            .collect(),
+    })
+}
+
+fn peer_binding(b: &ims_client::Binding) -> PeerBinding {
+    PeerBinding {
+        active: b.active,
+        standby: b.standby.clone(),
+        seq: b.seq,
+        expires_unix: b.expires_unix,
+    }
+}
+
+/// Runs the agent until `shutdown` resolves, then removes what it added
+/// (nft table, routes, neighbour entries, MoAs; not the HoA).
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let key = cfg.load_key()?;
+    let ims_pk = cfg.ims_public_key()?;
+    let (nl, _nl_task) = Netlink::connect()?;
+    let (tx, mut rx) = mpsc::channel::<Event>(1024);
+
+    // Interfaces: index, MAC, sysctls (the agent does RA processing itself).
+    let mut ifaces = BTreeMap::new();
+    let mut iface_cfgs = Vec::new();
+    for ic in &cfg.interfaces {
+        let link = nl.link_by_name(&ic.name).await?;
+        let mac = link.mac.ok_or(AgentError::Interface {
+            name: ic.name.clone(),
+            reason: "has no Ethernet MAC address",
+        })?;
+        for (k, v) in [
+            (Ipv6Key::AcceptRa, 0),
+            (Ipv6Key::Autoconf, 0),
+            (Ipv6Key::IgnoreRoutesWithLinkdown, 1),
+            // Link-local addresses are EUI-64 too: no DAD wait after a
+            // carrier change, so an RS can leave at once from fe80::.
+            (Ipv6Key::AcceptDad, 0),
+            (Ipv6Key::KeepAddrOnDown, 1),
+        ] {
+            sysctl::set(Some(&ic.name), k, v)?;
+        }
+        sysctl::set(None, Ipv6Key::IgnoreRoutesWithLinkdown, 1)?;
+        if !link.admin_up {
+            nl.set_up(link.ifindex).await?;
+        }
+        let c = IfaceConfig {
+            ifindex: link.ifindex,
+            name: ic.name.clone(),
+            mac,
+            role: ic.role,
+            allowed_routers: ic.allowed_routers.clone(),
+        };
+        let sender = NdpSender::bind(link.ifindex)?;
+        let mut receiver = NdpReceiver::bind(link.ifindex)?;
+        let txr = tx.clone();
+        let ifindex = link.ifindex;
+        tokio::spawn(async move {
+            while let Ok(p) = receiver.recv().await {
+                if let Some(ra) = ra_input(&p) {
+                    if txr.send(Event::Ra { ifindex, ra }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // A previous run's leftovers on this link: its MoAs (EUI-64 of this
+        // MAC) and its default routes. They are re-formed from the next RA.
+        for a in nl.addrs(Some(link.ifindex)).await? {
+            if !a.is_link_local() && a.addr.octets()[8..] == mobility::eui64(mac) {
+                let _ = nl.addr_del(link.ifindex, a.addr, a.prefix_len).await;
+            }
+        }
+        for r in nl.routes(None).await? {
+            if r.oif == Some(link.ifindex)
+                && r.gateway.is_some()
+                && (r.metric == Some(cfg.agent.active_metric)
+                    || r.metric == Some(cfg.agent.standby_metric))
+            {
+                let _ = nl.route_del(&r).await;
+            }
+        }
+        iface_cfgs.push(c.clone());
+        ifaces.insert(link.ifindex, Iface { cfg: c, sender });
+    }
+
+    // The HoA: a /128 on lo, so applications bind to it.
+    let lo = nl.link_by_name("lo").await?;
+    if !lo.admin_up {
+        nl.set_up(lo.ifindex).await?;
+    }
+    nl.addr_replace(lo.ifindex, &AddrSpec::new(cfg.hoa, 128).nodad())
+        .await?;
+
+    // Translation: replace any previous table in one transaction.
+    nftx::apply(&translate::ruleset(&cfg.agent.nft_table, cfg.hoa)).await?;
+    let nft = NftSession::start().await?;
+    let tr = Translation::new(&cfg.agent.nft_table);
+
+    // Sockets.
+    let ims_sock = Arc::new(
+        UdpSocket::bind("[::]:0")
+            .await
+            .map_err(sock_err("IMS update socket"))?,
+    );
+    let notify_sock = Arc::new(
+        UdpSocket::bind(SocketAddr::from((
+            Ipv6Addr::UNSPECIFIED,
+            cfg.agent.notify_port,
+        )))
+        .await
+        .map_err(sock_err(format!(
+            "peer notification socket (UDP port {})",
+            cfg.agent.notify_port
+        )))?,
+    );
+    {
+        let s = ims_sock.clone();
+        let ims_addr = cfg.ims.update_addr;
+        let t = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                if from != ims_addr {
+                    continue;
+                }
+                let d = buf.get(..n).unwrap_or(&[]).to_vec();
+                if t.send(Event::ImsDatagram(d)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    {
+        let s = notify_sock.clone();
+        let t = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let bytes = buf.get(..n).unwrap_or(&[]).to_vec();
+                if t.send(Event::Notify { bytes, from }).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // Netlink events.
+    let (mut events, _ev_task) = NetEvents::subscribe(EventGroups::links_and_addrs())?;
+    {
+        let t = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.next().await {
+                if t.send(Event::Net(ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // Peers' bindings from the IMS watch (TLS, in the background).
+    let _watch = if let (Some(addr), Some(ca)) = (cfg.ims.control_addr, cfg.ims.ca_file.clone()) {
+        let tls = ims_client::TlsSettings::from_ca_pem_file(&ca, &cfg.ims.server_name)
+            .map_err(AgentError::Tls)?;
+        let filter = ims_client::WatchFilter {
+            hoas: cfg.peers.hoas.clone(),
+            prefixes: cfg.peers.prefixes.clone(),
+        };
+        let mut w = ims_client::Watch::start(addr, tls, filter, None);
+        let t = tx.clone();
+        Some(tokio::spawn(async move {
+            while let Ok(item) = w.next().await {
+                if let ims_client::WatchItem::Event(ev) = item {
+                    if let ims_client::WatchChange::Changed { record } = ev.change {
+                        if t.send(Event::PeerRecord(record)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }))
+    } else {
+        None
+    };
+
+    // Status socket.
+    let status_path = cfg.agent.status_socket.clone();
+    if let Some(dir) = status_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&status_path);
+    let listener = UnixListener::bind(&status_path)
+        .map_err(sock_err(format!("status socket {}", status_path.display())))?;
+    {
+        let t = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let (otx, orx) = oneshot::channel();
+                    if t.send(Event::Status(otx)).await.is_err() {
+                        return;
+                    }
+                    if let Ok(s) = orx.await {
+                        let _ = conn.write_all(s.as_bytes()).await;
+                    }
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+    }
+
+    let timers = Timers {
+        binding_lifetime_s: cfg.ims.binding_lifetime_s,
+        active_metric: cfg.agent.active_metric,
+        standby_metric: cfg.agent.standby_metric,
+        rs_interval: std::time::Duration::from_millis(cfg.agent.rs_interval_ms),
+        ..Timers::default()
+    };
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(1);
+    let m = Mobility::new(MobilityConfig {
+        hoa: cfg.hoa,
+        key,
+        ifaces: iface_cfgs,
+        peer_prefixes: cfg.peer_prefixes(),
+        // Above anything a previous run used (a stale ack resyncs anyway).
+        initial_seq: micros,
+        nonce_seed: nonce_seed(),
+        timers,
+    });
+    let mut agent = Agent {
+        cfg,
+        ims_pk,
+        m,
+        nl,
+        nft,
+        tr,
+        ifaces,
+        ims_sock,
+        notify_sock,
+        started: Instant::now(),
+    };
+
+    // Current link state.
+    for (ifindex, _) in agent.ifaces.iter().map(|(k, v)| (*k, v.cfg.name.clone())) {
+        let l = agent.nl.link_by_index(ifindex).await?;
+        if l.carrier && l.admin_up {
+            agent
+                .m
+                .handle_link(ifindex, LinkEvent::CarrierUp, Instant::now());
+        }
+    }
+    agent.drain().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(hoa = %agent.cfg.hoa, "guest-agent running");
+
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = agent.m.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = rx.recv() => match ev {
+                Some(ev) => agent.handle(ev).await,
+                None => break,
+            },
+            _ = sleep => agent.m.handle_timeout(Instant::now()),
+        }
+        agent.drain().await;
+    }
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("shutting down: removing routes, MoAs and the nft table");
+    agent.m.shutdown();
+    agent.drain().await;
+    let _ = nftx::delete_table(nftx::Family::Ip6, &agent.cfg.agent.nft_table).await;
+    let _ = std::fs::remove_file(&agent.cfg.agent.status_socket);
+    Ok(())
+}
+
+fn nonce_seed() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_be_bytes(b)
+}
+
+impl Agent {
+    async fn handle(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Net(NetEvent::Link(l)) => {
+                if !self.ifaces.contains_key(&l.ifindex) {
+                    return;
+                }
+                let e = if l.carrier && l.admin_up {
+                    LinkEvent::CarrierUp
+                } else {
+                    LinkEvent::CarrierDown
+                };
+                tracing::debug!(ifindex = l.ifindex, ?e, notify = l.notify_peers, "link");
+                self.m.handle_link(l.ifindex, e, now);
+                if l.notify_peers {
+                    self.m.handle_link(l.ifindex, LinkEvent::NotifyPeers, now);
+                }
+            }
+            Event::Net(NetEvent::AddrRemoved(a)) => {
+                self.m.handle_address_removed(a.ifindex, a.addr)
+            }
+            Event::Net(_) => {}
+            Event::Ra { ifindex, ra } => {
+                let v = self.m.handle_ra(ifindex, &ra, now);
+                tracing::debug!(ifindex, src = %ra.src, ?v, "router advertisement");
+            }
+            Event::ImsDatagram(d) => {
+                if !self.m.handle_ims_datagram(&d, now) {
+                    tracing::debug!(len = d.len(), "IMS datagram ignored");
+                }
+            }
+            Event::Notify { bytes, from } => self.on_notify(&bytes, from).await,
+            Event::PeerRecord(r) => {
+                let b = peer_binding(&r.binding);
+                if self.m.handle_peer_binding(r.binding.hoa, b) {
+                    tracing::info!(peer = %r.binding.hoa, active = ?r.binding.active, seq = r.binding.seq, "peer binding from IMS");
+                }
+            }
+            Event::Status(tx) => {
+                let s = self.status_json();
+                let _ = tx.send(s);
+            }
+        }
+    }
+
+    fn status_json(&self) -> String {
+        let st = self.m.status(Instant::now());
+        let v = serde_json::json!({
+            "status": st,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "translation": {
+                "peer_out": self.tr.peer_out(),
+                "peer_in": self.tr.peer_in(),
+                "own_src": self.tr.own_src(),
+            },
+        });
+        serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    async fn on_notify(&mut self, bytes: &[u8], from: SocketAddr) {
+        let Ok(repr) = NotifyRepr::parse_bytes(bytes) else {
+            tracing::debug!(%from, "malformed notification dropped");
+            return;
+        };
+        match repr {
+            NotifyRepr::Ack { nonce, .. } => self.m.handle_peer_ack(nonce, Instant::now()),
+            NotifyRepr::Notify { nonce, assertion } => {
+                let peers = self.m.peers();
+                let r = notify::accept(
+                    &assertion,
+                    &self.ims_pk,
+                    self.cfg.hoa,
+                    |h| peers.get(&h).map(|b| b.seq),
+                    unix_now(),
+                );
+                let (status, hoa, seq) = match r {
+                    Ok(a) => {
+                        let b = ims_client::Binding {
+                            hoa: a.hoa,
+                            active: a.active,
+                            standby: a.standby.clone(),
+                            seq: a.seq,
+                            expires_unix: a.expires_unix,
+                            key_id: 0,
+                        };
+                        self.m.handle_peer_binding(a.hoa, peer_binding(&b));
+                        // Apply the maps before acking, so the ack (and
+                        // everything after it) already uses the new MoA.
+                        self.drain().await;
+                        tracing::info!(peer = %a.hoa, active = ?a.active, seq = a.seq, %from, "peer moved (notification)");
+                        (AckStatus::Applied, a.hoa, a.seq)
+                    }
+                    Err(NotifyError::NotNewer { held, .. }) => {
+                        let hoa = mat6_proto::assertion::BindingAssertion::decode(&assertion)
+                            .map(|a| a.hoa)
+                            .unwrap_or(Ipv6Addr::UNSPECIFIED);
+                        (AckStatus::NotNewer, hoa, held)
+                    }
+                    Err(e) => {
+                        // Forged, expired or about us: change nothing, say
+                        // nothing.
+                        tracing::warn!(%from, error = %e, "peer notification rejected");
+                        return;
+                    }
+                };
+                let ack = NotifyRepr::Ack {
+                    nonce,
+                    status,
+                    hoa,
+                    seq,
+                };
+                if let Ok(b) = ack.to_vec() {
+                    let _ = self.notify_sock.send_to(&b, from).await;
+                }
+            }
+        }
+    }
+
+    /// Executes every queued action.
+    async fn drain(&mut self) {
+        while let Some(a) = self.m.poll_action() {
+            if let Err(e) = self.exec(a.clone()).await {
+                tracing::warn!(action = ?a, error = %e, "action failed");
+            }
+        }
+    }
+
+    async fn exec(&mut self, a: Action) -> Result<(), AgentError> {
+        match a {
+            Action::SendRs { ifindex } => {
+                if let Some(i) = self.ifaces.get(&ifindex) {
+                    let rs = NdpRepr::RouterSolicit {
+                        source_ll: Some(i.cfg.mac),
+                    };
+                    i.sender.send(&rs, None, ALL_ROUTERS).await?;
+                }
+            }
+            Action::AddMoa {
+                ifindex,
+                moa,
+                prefix_len,
+            } => {
+                // No DAD: the interface identifier is the NIC's EUI-64, unique
+                // by construction on the link the RA just came from. Without
+                // a prefix route: everything goes through the router, so a
+                // standby link never attracts traffic for its prefix.
+                let spec = AddrSpec::new(moa, prefix_len).nodad().noprefixroute();
+                self.nl.addr_replace(ifindex, &spec).await?;
+                tracing::info!(ifindex, %moa, "MoA added");
+            }
+            Action::RemoveMoa {
+                ifindex,
+                moa,
+                prefix_len,
+            } => match self.nl.addr_del(ifindex, moa, prefix_len).await {
+                Ok(()) => tracing::info!(ifindex, %moa, "MoA removed"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            },
+            Action::SetNeighbor {
+                ifindex,
+                router,
+                mac,
+            } => {
+                self.nl
+                    .neigh_replace(ifindex, router, mac, NeighState::Permanent)
+                    .await?
+            }
+            Action::RemoveNeighbor { ifindex, router } => {
+                let _ = self.nl.neigh_del(ifindex, router).await;
+            }
+            Action::AddRoute(r) => {
+                let mut rt = Route6::to(r.dst, r.dst_len, r.ifindex)?
+                    .via(r.via)
+                    .metric(r.metric);
+                if let Some(s) = r.src {
+                    rt = rt.src(s);
+                }
+                self.nl.route_replace(&rt).await?;
+            }
+            Action::RemoveRoute(r) => {
+                let rt = Route6::to(r.dst, r.dst_len, r.ifindex)?
+                    .via(r.via)
+                    .metric(r.metric);
+                match self.nl.route_del(&rt).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::SetOwnSource { ifname, moa, .. } => {
+                let s = self.tr.set_own(&ifname, moa);
+                self.nft_run(&s).await?;
+            }
+            Action::RemoveOwnSource { ifname, moa, .. } => {
+                let s = self.tr.remove_own(&ifname, moa);
+                self.nft_run(&s).await?;
+            }
+            Action::SendImsUpdate(u) => {
+                let dst = to_sockaddr_v6(self.cfg.ims.update_addr);
+                send_from(&self.ims_sock, u.src, dst, &u.datagram)
+                    .await
+                    .map_err(sock_err("send IMS update"))?;
+                tracing::debug!(seq = u.seq, activate = u.activate, active = ?u.active, standby = ?u.standby, "IMS update sent");
+            }
+            Action::SendUnsolicitedNa { ifindex, moa, mac } => {
+                if let Some(i) = self.ifaces.get(&ifindex) {
+                    let na = NdpRepr::NeighborAdvert {
+                        router: false,
+                        solicited: false,
+                        override_: true,
+                        target: moa,
+                        target_ll: Some(mac),
+                    };
+                    i.sender.send(&na, Some(moa), ALL_NODES).await?;
+                }
+            }
+            Action::SendPeerNotify {
+                src,
+                dst,
+                nonce,
+                assertion,
+                peer_hoa,
+            } => {
+                let n = NotifyRepr::Notify { nonce, assertion };
+                if let Ok(b) = n.to_vec() {
+                    let to = SocketAddrV6::new(dst, self.cfg.agent.notify_port, 0, 0);
+                    send_from(&self.notify_sock, src, to, &b)
+                        .await
+                        .map_err(sock_err("send peer notification"))?;
+                    tracing::debug!(peer = %peer_hoa, %dst, "peer notified");
+                }
+            }
+            Action::SetPeerMaps {
+                hoa, active, moas, ..
+            } => {
+                let s = self.tr.set_peer(hoa, active, &moas);
+                self.nft_run(&s).await?;
+            }
+            Action::HandoverDone(h) => {
+                tracing::info!(kind = ?h.kind, ifindex = h.ifindex, moa = %h.moa, switch_us = h.switch_us, "handover: data path switched");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a multi-line script as one nft transaction.
+    async fn nft_run(&mut self, script: &str) -> Result<(), AgentError> {
+        let line: Vec<&str> = script.lines().filter(|l| !l.trim().is_empty()).collect();
+        if line.is_empty() {
+            return Ok(());
+        }
+        self.nft.run(&line.join("; ")).await?;
+        Ok(())
+    }
+}
