@@ -219,6 +219,63 @@ pub fn parse_frame(frame: &[u8], ifindex: u32) -> Result<NdpPacketIn, DropReason
     })
 }
 
+/// Builds a whole Ethernet frame carrying `repr` (IPv6 header, ICMPv6 with
+/// checksum). `dst_mac` `None` = the multicast MAC of `dst` (use it for
+/// multicast destinations). For sending through a [`PacketSocket`] when the
+/// Ethernet source must be chosen, and for tests.
+pub fn ndp_frame(
+    repr: &NdpRepr,
+    src_mac: [u8; 6],
+    dst_mac: Option<[u8; 6]>,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+) -> Result<Vec<u8>, NdpError> {
+    build_frame(repr, src_mac, dst_mac, src, dst, hop_limit, false)
+}
+
+/// Like [`ndp_frame`] with an atomic fragment header (offset 0, M=0) before
+/// the ICMPv6 message: what RFC 6980 says receivers must drop. Negative tests
+/// only.
+pub fn ndp_frame_with_fragment_header(
+    repr: &NdpRepr,
+    src_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+) -> Result<Vec<u8>, NdpError> {
+    build_frame(repr, src_mac, None, src, dst, 255, true)
+}
+
+fn build_frame(
+    repr: &NdpRepr,
+    src_mac: [u8; 6],
+    dst_mac: Option<[u8; 6]>,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    fragment: bool,
+) -> Result<Vec<u8>, NdpError> {
+    let icmp = repr.to_bytes(src, dst)?;
+    let ext_len = if fragment { 8 } else { 0 };
+    let payload_len = u16::try_from(icmp.len() + ext_len).map_err(|_| NdpError::OptionTooLong)?;
+    let mut f = Vec::with_capacity(14 + 40 + usize::from(payload_len));
+    f.extend_from_slice(&dst_mac.unwrap_or_else(|| multicast_mac(&dst)));
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, class 0, flow 0
+    f.extend_from_slice(&payload_len.to_be_bytes());
+    f.push(if fragment { 44 } else { ICMPV6 });
+    f.push(hop_limit);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    if fragment {
+        // next header, reserved, offset 0 / M=0, identification
+        f.extend_from_slice(&[ICMPV6, 0, 0, 0, 0, 0, 0x12, 0x34]);
+    }
+    f.extend_from_slice(&icmp);
+    Ok(f)
+}
+
 fn first_is_fragment(ipv6: &[u8]) -> bool {
     ipv6.get(6) == Some(&44)
 }
@@ -623,7 +680,6 @@ mod sys {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use etherparse::{IpNumber, Ipv6FragmentHeader, Ipv6Header};
     use mat6_proto::ndp::{PrefixInfo, RouterAdvert};
 
     const RMAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -650,39 +706,31 @@ mod tests {
         })
     }
 
-    /// Builds an Ethernet frame; `frag` inserts an (atomic) fragment header.
-    pub(crate) fn frame(
-        repr: &NdpRepr,
-        src: Ipv6Addr,
-        dst: Ipv6Addr,
-        hop: u8,
-        frag: bool,
-    ) -> Vec<u8> {
-        let icmp = repr.to_bytes(src, dst).unwrap();
-        let mut ip = Ipv6Header {
-            traffic_class: 0,
-            flow_label: Default::default(),
-            payload_length: 0,
-            next_header: IpNumber::IPV6_ICMP,
-            hop_limit: hop,
-            source: src.octets(),
-            destination: dst.octets(),
-        };
-        let mut payload = Vec::new();
+    fn frame(repr: &NdpRepr, src: Ipv6Addr, dst: Ipv6Addr, hop: u8, frag: bool) -> Vec<u8> {
         if frag {
-            ip.next_header = IpNumber::IPV6_FRAGMENTATION_HEADER;
-            let fh = Ipv6FragmentHeader::new(IpNumber::IPV6_ICMP, 0.try_into().unwrap(), false, 7);
-            payload.extend_from_slice(&fh.to_bytes());
+            ndp_frame_with_fragment_header(repr, RMAC, src, dst).unwrap()
+        } else {
+            ndp_frame(repr, RMAC, None, src, dst, hop).unwrap()
         }
-        payload.extend_from_slice(&icmp);
-        ip.payload_length = payload.len() as u16;
-        let mut f = Vec::new();
-        f.extend_from_slice(&multicast_mac(&dst));
-        f.extend_from_slice(&RMAC);
-        f.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
-        ip.write(&mut f).unwrap();
-        f.extend_from_slice(&payload);
-        f
+    }
+
+    #[test]
+    fn frames_match_etherparse() {
+        // Cross-check the hand-written IPv6 header against etherparse.
+        let f = frame(&ra(), "fe80::1".parse().unwrap(), ALL_NODES, 255, false);
+        let eth = Ethernet2Slice::from_slice_without_fcs(&f).unwrap();
+        assert_eq!(eth.destination(), [0x33, 0x33, 0, 0, 0, 1]);
+        let ip = Ipv6Slice::from_slice(eth.payload().payload).unwrap();
+        assert_eq!(ip.header().hop_limit(), 255);
+        assert_eq!(ip.payload().ip_number, IpNumber::IPV6_ICMP);
+        let f = frame(&ra(), "fe80::1".parse().unwrap(), ALL_NODES, 255, true);
+        let eth = Ethernet2Slice::from_slice_without_fcs(&f).unwrap();
+        let ip = Ipv6Slice::from_slice(eth.payload().payload).unwrap();
+        assert!(ip
+            .extensions()
+            .clone()
+            .into_iter()
+            .any(|x| matches!(x, Ipv6ExtensionSlice::Fragment(_))));
     }
 
     #[test]

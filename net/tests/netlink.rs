@@ -1,0 +1,299 @@
+//! Privileged tests of `mat6_net::netlink` and `mat6_net::sysctl`, each in
+//! its own namespaces (prefix `m6n`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{Ipv6Addr, SocketAddrV6, UdpSocket};
+use std::time::Duration;
+
+use mat6_net::netlink::{AddrSpec, EventGroups, NeighState, NetEvent, NetEvents, Netlink, Route6};
+use mat6_net::sysctl::{self, Ipv6Key};
+use mat6_tests::netns::{veth_pair, Netns};
+
+const T: Duration = Duration::from_secs(5);
+
+/// Host `h` with `eth0` <-> `peer0` in `p`, both up with carrier.
+fn pair() -> (Netns, Netns) {
+    let h = Netns::new("m6n-nlh").unwrap();
+    let p = Netns::new("m6n-nlp").unwrap();
+    veth_pair(&h, "eth0", &p, "peer0").unwrap();
+    h.link_up("eth0").unwrap();
+    p.link_up("peer0").unwrap();
+    h.wait_carrier("eth0", true, T).unwrap();
+    (h, p)
+}
+
+fn bind_ok(a: Ipv6Addr) -> bool {
+    UdpSocket::bind(SocketAddrV6::new(a, 0, 0, 0)).is_ok()
+}
+
+async fn next_matching(ev: &mut NetEvents, mut f: impl FnMut(&NetEvent) -> bool) -> NetEvent {
+    tokio::time::timeout(T, async {
+        loop {
+            let e = ev.next().await.expect("event stream ended");
+            if f(&e) {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("expected netlink event did not arrive")
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn nodad_address_is_usable_at_once_and_dad_one_is_not() {
+    let (h, _p) = pair();
+    h.run_tokio(|| async {
+        let (nl, _c) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        let fast: Ipv6Addr = "2001:db8:10::1".parse().unwrap();
+        let slow: Ipv6Addr = "2001:db8:10::2".parse().unwrap();
+        nl.addr_add(idx, &AddrSpec::new(fast, 64).nodad())
+            .await
+            .unwrap();
+        assert!(bind_ok(fast), "nodad address must be bindable immediately");
+        nl.addr_add(idx, &AddrSpec::new(slow, 64)).await.unwrap();
+        // DAD takes ~1 s on a link with carrier: tentative and not bindable now.
+        let a = nl.addrs(Some(idx)).await.unwrap();
+        let s = a.iter().find(|x| x.addr == slow).unwrap();
+        assert!(s.flags.tentative && !s.usable(), "{s:?}");
+        assert!(!bind_ok(slow));
+        let f = a.iter().find(|x| x.addr == fast).unwrap();
+        assert!(f.usable() && f.flags.nodad && !f.flags.tentative, "{f:?}");
+        // Adding it again: EEXIST, named.
+        let e = nl
+            .addr_add(idx, &AddrSpec::new(fast, 64).nodad())
+            .await
+            .unwrap_err();
+        assert!(e.is_exists(), "{e}");
+        assert!(e.to_string().contains("2001:db8:10::1/64"), "{e}");
+        // Lifetimes are applied.
+        nl.addr_replace(idx, &AddrSpec::new(fast, 64).nodad().lifetimes(300, 100))
+            .await
+            .unwrap();
+        let a = nl.addrs(Some(idx)).await.unwrap();
+        let f = a.iter().find(|x| x.addr == fast).unwrap();
+        assert!(
+            f.valid_lft.unwrap() <= 300 && f.valid_lft.unwrap() > 250,
+            "{f:?}"
+        );
+        assert!(f.preferred_lft.unwrap() <= 100, "{f:?}");
+        nl.addr_del(idx, fast, 64).await.unwrap();
+        assert!(!bind_ok(fast));
+        let e = nl.addr_del(idx, fast, 64).await.unwrap_err();
+        assert!(e.errno().is_some(), "{e}");
+    })
+    .unwrap();
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn optimistic_address_is_usable_during_dad() {
+    let (h, _p) = pair();
+    h.run_tokio(|| async {
+        sysctl::set(Some("eth0"), Ipv6Key::OptimisticDad, 1).unwrap();
+        sysctl::set(Some("eth0"), Ipv6Key::UseOptimistic, 1).unwrap();
+        assert_eq!(
+            sysctl::get(Some("eth0"), Ipv6Key::OptimisticDad).unwrap(),
+            1
+        );
+        let (nl, _c) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        let a: Ipv6Addr = "2001:db8:11::1".parse().unwrap();
+        nl.addr_add(idx, &AddrSpec::new(a, 64).optimistic())
+            .await
+            .unwrap();
+        let info = nl
+            .addrs(Some(idx))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|x| x.addr == a)
+            .unwrap();
+        assert!(info.flags.optimistic, "{info:?}");
+        assert!(info.usable(), "{info:?}");
+        assert!(bind_ok(a), "optimistic address must be bindable during DAD");
+    })
+    .unwrap();
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn route_replace_add_delete_and_list() {
+    let (h, p) = pair();
+    p.addr_add("peer0", "2001:db8:12::1/64", true).unwrap();
+    p.addr_add("peer0", "2001:db8:12::2/64", true).unwrap();
+    h.run_tokio(|| async {
+        let (nl, _c) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        nl.addr_add(
+            idx,
+            &AddrSpec::new("2001:db8:12::10".parse().unwrap(), 64).nodad(),
+        )
+        .await
+        .unwrap();
+        let dst = Route6::to("2001:db8:99::".parse().unwrap(), 64, idx).unwrap();
+        let r1 = dst.clone().via("2001:db8:12::1".parse().unwrap());
+        let r2 = dst.clone().via("2001:db8:12::2".parse().unwrap());
+        nl.route_add(&r1).await.unwrap();
+        assert!(nl.route_add(&r2).await.unwrap_err().is_exists());
+        nl.route_replace(&r2).await.unwrap();
+        let routes = nl.routes(Some(254)).await.unwrap();
+        let mine: Vec<_> = routes.iter().filter(|r| r.dst == dst.dst).collect();
+        assert_eq!(mine.len(), 1, "{mine:?}");
+        assert_eq!(mine[0].gateway, r2.gateway);
+        assert_eq!(mine[0].oif, Some(idx));
+        // Same destination, other metric and table: separate routes.
+        nl.route_replace(&r1.clone().metric(50).table(100))
+            .await
+            .unwrap();
+        let t100 = nl.routes(Some(100)).await.unwrap();
+        assert!(t100
+            .iter()
+            .any(|r| r.dst == dst.dst && r.metric == Some(50) && r.gateway == r1.gateway));
+        // Default route via a link-local gateway.
+        let ll: Ipv6Addr = "fe80::99".parse().unwrap();
+        nl.route_replace(&Route6::default_via(ll, idx))
+            .await
+            .unwrap();
+        assert!(nl
+            .routes(Some(254))
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.dst.prefix() == 0 && r.gateway == Some(ll)));
+        nl.route_del(&r2).await.unwrap();
+        let e = nl.route_del(&r2).await.unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(e.to_string().contains("2001:db8:99::/64"), "{e}");
+    })
+    .unwrap();
+    // Cross-check with iproute2.
+    let shown = h.ip(&["-6", "route", "show", "table", "100"]).unwrap();
+    assert!(
+        shown.contains("2001:db8:99::/64 via 2001:db8:12::1"),
+        "{shown}"
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn link_event_stream_reports_carrier_loss_and_addresses() {
+    let (h, p) = pair();
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let worker = h.spawn_tokio(move || async move {
+        let (mut ev, _c) = NetEvents::subscribe(EventGroups::all()).unwrap();
+        let (nl, _c2) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        ready_tx.send(()).unwrap();
+        // 1. the peer end goes down -> carrier lost on eth0.
+        let e = next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.carrier)).await;
+        let NetEvent::Link(l) = e else { unreachable!() };
+        assert_eq!(l.name, "eth0");
+        assert!(l.admin_up, "eth0 itself stays up");
+        assert!(!l.notify_peers);
+        assert!(l.mac.is_some());
+        tx.send("down").unwrap();
+        // 2. back up -> carrier.
+        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.carrier)).await;
+        tx.send("up").unwrap();
+        // 3. address added and removed through netlink.
+        let a: Ipv6Addr = "2001:db8:13::1".parse().unwrap();
+        nl.addr_add(idx, &AddrSpec::new(a, 64).nodad()).await.unwrap();
+        next_matching(&mut ev, |e| matches!(e, NetEvent::AddrAdded(x) if x.addr == a && x.ifindex == idx && x.usable())).await;
+        nl.addr_del(idx, a, 64).await.unwrap();
+        next_matching(&mut ev, |e| matches!(e, NetEvent::AddrRemoved(x) if x.addr == a)).await;
+        // 4. the prefix route came and went with it.
+        // 5. admin down -> event with admin_up false.
+        nl.set_down(idx).await.unwrap();
+        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.admin_up)).await;
+        nl.set_up(idx).await.unwrap();
+        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.admin_up)).await;
+    });
+    ready_rx.recv_timeout(T).unwrap();
+    p.set_peer_carrier("peer0", false).unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), "down");
+    p.set_peer_carrier("peer0", true).unwrap();
+    assert_eq!(rx.recv_timeout(T).unwrap(), "up");
+    worker.join().unwrap().unwrap();
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn links_mac_and_neighbours() {
+    let (h, _p) = pair();
+    h.run_tokio(|| async {
+        let (nl, _c) = Netlink::connect().unwrap();
+        let eth0 = nl.link_by_name("eth0").await.unwrap();
+        assert!(eth0.admin_up && eth0.carrier);
+        assert_eq!(nl.link_by_index(eth0.ifindex).await.unwrap().name, "eth0");
+        let all = nl.links().await.unwrap();
+        assert!(all.iter().any(|l| l.name == "lo"));
+        assert!(all.iter().any(|l| l.name == "eth0"));
+        let e = nl.link_by_name("m6nnosuch0").await.unwrap_err();
+        assert!(
+            e.is_not_found() && e.to_string().contains("m6nnosuch0"),
+            "{e}"
+        );
+        let mac = [0x02, 0x00, 0x5e, 0x10, 0x20, 0x30];
+        nl.set_mac(eth0.ifindex, mac).await.unwrap();
+        assert_eq!(nl.link_by_name("eth0").await.unwrap().mac, Some(mac));
+        let n: Ipv6Addr = "fe80::abcd".parse().unwrap();
+        nl.neigh_replace(
+            eth0.ifindex,
+            n,
+            [2, 0, 0, 0, 0xab, 0xcd],
+            NeighState::Permanent,
+        )
+        .await
+        .unwrap();
+        nl.neigh_replace(
+            eth0.ifindex,
+            n,
+            [2, 0, 0, 0, 0xab, 0xce],
+            NeighState::Permanent,
+        )
+        .await
+        .unwrap();
+    })
+    .unwrap();
+    let neigh = h.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap();
+    assert!(
+        neigh.contains("fe80::abcd lladdr 02:00:00:00:ab:ce PERMANENT"),
+        "{neigh}"
+    );
+    h.run_tokio(|| async {
+        let (nl, _c) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        nl.neigh_del(idx, "fe80::abcd".parse().unwrap())
+            .await
+            .unwrap();
+    })
+    .unwrap();
+    let neigh = h.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap();
+    assert!(!neigh.contains("fe80::abcd"), "{neigh}");
+    assert_eq!(h.mac("eth0").unwrap(), "02:00:5e:10:20:30");
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn sysctl_reads_and_writes_in_namespace() {
+    let (h, _p) = pair();
+    h.run(|| {
+        assert_eq!(sysctl::get(None, Ipv6Key::Forwarding).unwrap(), 0);
+        let old = sysctl::replace(Some("eth0"), Ipv6Key::AcceptRa, 2).unwrap();
+        assert_eq!(old, 1);
+        assert_eq!(sysctl::get(Some("eth0"), Ipv6Key::AcceptRa).unwrap(), 2);
+        sysctl::set(Some("eth0"), Ipv6Key::IgnoreRoutesWithLinkdown, 1).unwrap();
+        let e = sysctl::get(Some("nosuch0"), Ipv6Key::AcceptRa).unwrap_err();
+        assert!(e.to_string().contains("nosuch0"));
+    })
+    .unwrap();
+    assert_eq!(h.sysctl_get("net.ipv6.conf.eth0.accept_ra").unwrap(), "2");
+    assert_eq!(
+        h.sysctl_get("net.ipv6.conf.eth0.ignore_routes_with_linkdown")
+            .unwrap(),
+        "1"
+    );
+}
