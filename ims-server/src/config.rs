@@ -83,12 +83,14 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The TOML is invalid or has unknown keys.
-    #[error("invalid config {path}: {source}")]
+    #[error("invalid config {path} line {line}: {message}")]
     Parse {
         /// Path.
         path: PathBuf,
-        /// Cause.
-        source: Box<toml::de::Error>,
+        /// 1-based line of the problem (0 if unknown).
+        line: usize,
+        /// What is wrong (one line).
+        message: String,
     },
     /// A value is out of range.
     #[error("invalid config: {0}")]
@@ -100,7 +102,10 @@ impl ServeConfig {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let c: ServeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<inline>"),
-            source: Box::new(e),
+            line: e.span().map_or(0, |s| {
+                text[..s.start.min(text.len())].matches('\n').count() + 1
+            }),
+            message: e.message().replace('\n', " "),
         })?;
         c.validate()?;
         Ok(c)
@@ -113,9 +118,10 @@ impl ServeConfig {
             source,
         })?;
         Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { line, message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
-                source,
+                line,
+                message,
             },
             e => e,
         })
@@ -157,7 +163,8 @@ signing_key_file = "/etc/mat6/ims-signing.pk8"
         assert_eq!(c.metrics_listen, None);
         let bad = format!("{MIN}\nbogus = 1\n");
         let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
-        assert!(e.contains("bogus"), "{e}");
+        assert!(e.contains("bogus") && e.contains("line 8"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
         let bad = format!("{MIN}\nmax_batch = 0\n");
         assert!(ServeConfig::from_toml(&bad).is_err());
     }
