@@ -880,4 +880,81 @@ mod tests {
         v4[13] = 0x00;
         assert_eq!(run_bpf(&v4, 0), 0, "ipv4");
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_ra() -> impl Strategy<Value = NdpRepr> {
+            (
+                any::<u8>(),
+                any::<bool>(),
+                any::<u16>(),
+                proptest::option::of(any::<[u8; 6]>()),
+                proptest::option::of(any::<u32>()),
+                proptest::collection::vec(
+                    (any::<u128>(), 0u8..=128, any::<u32>(), any::<u32>()),
+                    0..4,
+                ),
+            )
+                .prop_map(|(hl, m, lt, sll, mtu, pfx)| {
+                    NdpRepr::RouterAdvert(RouterAdvert {
+                        cur_hop_limit: hl,
+                        managed: m,
+                        other: !m,
+                        router_lifetime_s: lt,
+                        reachable_time_ms: 0,
+                        retrans_timer_ms: 0,
+                        source_ll: sll,
+                        mtu,
+                        prefixes: pfx
+                            .into_iter()
+                            .map(|(p, len, v, pr)| PrefixInfo {
+                                prefix: Ipv6Addr::from(p),
+                                prefix_len: len,
+                                on_link: true,
+                                autonomous: len == 64,
+                                valid_lifetime_s: v,
+                                preferred_lifetime_s: pr,
+                            })
+                            .collect(),
+                        other_options: vec![],
+                    })
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = parse_frame(&bytes, 1);
+            }
+
+            #[test]
+            fn valid_ras_round_trip(ra in arb_ra(), ll in any::<u64>()) {
+                let src = Ipv6Addr::from((0xfe80u128 << 112) | u128::from(ll));
+                let f = frame(&ra, src, ALL_NODES, 255, false);
+                let p = parse_frame(&f, 9).unwrap();
+                prop_assert_eq!(p.repr, ra);
+                prop_assert_eq!(p.src, src);
+            }
+
+            #[test]
+            fn mutated_frames_never_panic_and_keep_the_rules(
+                ra in arb_ra(),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            ) {
+                let mut f = frame(&ra, "fe80::1".parse().unwrap(), ALL_NODES, 255, false);
+                let n = f.len();
+                for (at, x) in flips {
+                    f[at % n] ^= x;
+                }
+                if let Ok(p) = parse_frame(&f, 1) {
+                    prop_assert_eq!(p.hop_limit, 255);
+                    if matches!(p.repr, NdpRepr::RouterAdvert(_)) {
+                        prop_assert!(is_link_local(&p.src));
+                    }
+                }
+            }
+        }
+    }
 }

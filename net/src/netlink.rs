@@ -33,7 +33,11 @@ use netlink_packet_route::address::{
 use netlink_packet_route::link::{
     LinkAttribute, LinkEvent as RawLinkEvent, LinkFlags, LinkMessage,
 };
-use netlink_packet_route::neighbour::NeighbourState;
+/// Neighbour cache states as the kernel reports them (re-exported).
+pub use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder};
@@ -519,6 +523,53 @@ impl From<NeighState> for NeighbourState {
     }
 }
 
+/// An IPv6 neighbour cache entry (dump answer or event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighInfo {
+    /// Interface index.
+    pub ifindex: u32,
+    /// The neighbour's address.
+    pub ip: Ipv6Addr,
+    /// Its link-layer address, if known.
+    pub mac: Option<[u8; 6]>,
+    /// NUD state (`Reachable`, `Stale`, `Failed`, ...).
+    pub state: NeighbourState,
+    /// NTF_ROUTER: the neighbour said it is a router.
+    pub router: bool,
+}
+
+impl NeighInfo {
+    /// Reads a neighbour message; `None` for non-IPv6 entries.
+    pub fn from_message(msg: &NeighbourMessage) -> Option<NeighInfo> {
+        if msg.header.family != AddressFamily::Inet6 {
+            return None;
+        }
+        let mut ip = None;
+        let mut mac = None;
+        for a in &msg.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => ip = Some(*d),
+                NeighbourAttribute::LinkLayerAddress(m) => {
+                    mac = <[u8; 6]>::try_from(m.as_slice()).ok()
+                }
+                _ => {}
+            }
+        }
+        Some(NeighInfo {
+            ifindex: msg.header.ifindex,
+            ip: ip?,
+            mac,
+            state: msg.header.state,
+            router: msg.header.flags.contains(NeighbourFlags::Router),
+        })
+    }
+
+    /// Has neighbour unreachability detection given up on it?
+    pub fn failed(&self) -> bool {
+        self.state == NeighbourState::Failed
+    }
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(mac: &[u8; 6]) -> String {
     format!(
@@ -541,23 +592,43 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
-/// A handle on rtnetlink (cheap to clone).
+/// Aborts a spawned connection task when the last owner drops.
+#[derive(Debug)]
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A handle on rtnetlink (cheap to clone). The connection task ends when the
+/// last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Netlink {
     handle: Handle,
+    _task: std::sync::Arc<TaskGuard>,
 }
 
 impl Netlink {
     /// Opens an rtnetlink socket in the calling thread's namespace and spawns
-    /// its connection task (abort the handle or drop all `Netlink` clones to
-    /// end it). Must be called inside a tokio runtime.
+    /// its connection task (ended when all `Netlink` clones are dropped).
+    /// Must be called inside a tokio runtime.
     pub fn connect() -> Result<(Netlink, JoinHandle<()>), NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         let task = tokio::spawn(conn);
-        Ok((Netlink { handle }, task))
+        let guard = std::sync::Arc::new(TaskGuard(task.abort_handle()));
+        Ok((
+            Netlink {
+                handle,
+                _task: guard,
+            },
+            task,
+        ))
     }
 
-    /// The underlying rtnetlink handle, for requests this wrapper lacks.
+    /// The underlying rtnetlink handle, for requests this wrapper lacks
+    /// (keep the `Netlink` alive while using it).
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
@@ -848,11 +919,26 @@ impl Netlink {
             ))
     }
 
+    /// IPv6 neighbour entries, of one link or of all.
+    pub async fn neighbours(&self, ifindex: Option<u32>) -> Result<Vec<NeighInfo>, NetlinkError> {
+        let all: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet6)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("list", "neighbours"))?;
+        Ok(all
+            .iter()
+            .filter_map(NeighInfo::from_message)
+            .filter(|n| ifindex.is_none_or(|i| n.ifindex == i))
+            .collect())
+    }
+
     /// Deletes a neighbour entry.
     pub async fn neigh_del(&self, ifindex: u32, ip: Ipv6Addr) -> Result<(), NetlinkError> {
-        use netlink_packet_route::neighbour::{
-            NeighbourAddress, NeighbourAttribute, NeighbourMessage,
-        };
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Inet6;
         m.header.ifindex = ifindex;
@@ -874,15 +960,19 @@ pub struct EventGroups {
     pub ipv6_addr: bool,
     /// RTNLGRP_IPV6_ROUTE: IPv6 routes added/removed.
     pub ipv6_route: bool,
+    /// RTNLGRP_NEIGH: neighbour cache changes (e.g. the router became
+    /// `Failed`: unreachable).
+    pub neigh: bool,
 }
 
 impl EventGroups {
-    /// Links, IPv6 addresses and IPv6 routes.
+    /// Links, IPv6 addresses, IPv6 routes and neighbours.
     pub fn all() -> EventGroups {
         EventGroups {
             link: true,
             ipv6_addr: true,
             ipv6_route: true,
+            neigh: true,
         }
     }
 
@@ -892,6 +982,7 @@ impl EventGroups {
             link: true,
             ipv6_addr: true,
             ipv6_route: false,
+            neigh: false,
         }
     }
 }
@@ -917,6 +1008,10 @@ pub enum NetEvent {
     RouteAdded(Route6),
     /// RTM_DELROUTE (IPv6 unicast).
     RouteRemoved(Route6),
+    /// RTM_NEWNEIGH (IPv6): a neighbour entry was added or changed state.
+    NeighChanged(NeighInfo),
+    /// RTM_DELNEIGH (IPv6).
+    NeighRemoved(NeighInfo),
 }
 
 impl NetEvent {
@@ -939,6 +1034,12 @@ impl NetEvent {
             }
             RouteNetlinkMessage::NewRoute(m) => Route6::from_message(m).map(NetEvent::RouteAdded),
             RouteNetlinkMessage::DelRoute(m) => Route6::from_message(m).map(NetEvent::RouteRemoved),
+            RouteNetlinkMessage::NewNeighbour(m) => {
+                NeighInfo::from_message(m).map(NetEvent::NeighChanged)
+            }
+            RouteNetlinkMessage::DelNeighbour(m) => {
+                NeighInfo::from_message(m).map(NetEvent::NeighRemoved)
+            }
             _ => None,
         }
     }
@@ -953,11 +1054,14 @@ pub struct NetEvents {
     )>,
     // Keeps the connection's request side alive.
     _handle: Handle,
+    // Ends the connection task when the stream is dropped.
+    _task: TaskGuard,
 }
 
 impl NetEvents {
     /// Subscribes in the calling thread's namespace and spawns the connection
-    /// task. Must be called inside a tokio runtime.
+    /// task (ended when the `NetEvents` is dropped). Must be called inside a
+    /// tokio runtime.
     pub fn subscribe(groups: EventGroups) -> Result<(NetEvents, JoinHandle<()>), NetlinkError> {
         let mut g = Vec::new();
         if groups.link {
@@ -969,13 +1073,18 @@ impl NetEvents {
         if groups.ipv6_route {
             g.push(MulticastGroup::Ipv6Route);
         }
+        if groups.neigh {
+            g.push(MulticastGroup::Neigh);
+        }
         let (conn, handle, rx) =
             rtnetlink::new_multicast_connection(&g).map_err(NetlinkError::Socket)?;
         let task = tokio::spawn(conn);
+        let guard = TaskGuard(task.abort_handle());
         Ok((
             NetEvents {
                 rx,
                 _handle: handle,
+                _task: guard,
             },
             task,
         ))
@@ -1093,6 +1202,60 @@ mod tests {
         assert_eq!(parse_mac("02:ab:00:01:ff:10:11"), None);
         assert_eq!(parse_mac("02:ab:00:01:ff:1g"), None);
         assert_eq!(parse_mac("002:ab:00:01:ff:10"), None);
+    }
+
+    /// A link notification carrying IFLA_EVENT_NOTIFY_PEERS, through the
+    /// netlink wire format and back, as the event stream receives it.
+    #[test]
+    fn notify_peers_survives_the_wire_format() {
+        let mut m = LinkMessage::default();
+        m.header.index = 3;
+        m.header.flags = LinkFlags::Up | LinkFlags::LowerUp | LinkFlags::Running;
+        m.attributes.push(LinkAttribute::IfName("eth0".into()));
+        m.attributes.push(LinkAttribute::Carrier(1));
+        m.attributes
+            .push(LinkAttribute::Event(RawLinkEvent::NotifyPeers));
+        let mut msg = NetlinkMessage::from(RouteNetlinkMessage::NewLink(m));
+        msg.finalize();
+        let mut buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        // IFLA_EVENT (44) with value 4 must be in the bytes.
+        assert!(
+            buf.windows(8).any(|w| w == [8, 0, 44, 0, 4, 0, 0, 0]),
+            "{buf:?}"
+        );
+        let back = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).unwrap();
+        let NetlinkPayload::InnerMessage(inner) = back.payload else {
+            panic!("not an inner message")
+        };
+        let Some(NetEvent::Link(l)) = NetEvent::from_message(&inner) else {
+            panic!("not a link event")
+        };
+        assert!(l.notify_peers && l.carrier && l.admin_up);
+        assert_eq!((l.ifindex, l.name.as_str()), (3, "eth0"));
+    }
+
+    #[test]
+    fn neighbour_info_reads_state_mac_and_router_flag() {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.ifindex = 2;
+        m.header.state = NeighbourState::Failed;
+        m.header.flags = NeighbourFlags::Router;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                "fe80::1".parse().unwrap(),
+            )));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 1]));
+        let n = NeighInfo::from_message(&m).unwrap();
+        assert!(n.failed() && n.router);
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(n.ip, "fe80::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            NetEvent::from_message(&RouteNetlinkMessage::DelNeighbour(m)),
+            Some(NetEvent::NeighRemoved(n))
+        );
     }
 
     #[test]

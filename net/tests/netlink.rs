@@ -188,7 +188,11 @@ fn link_event_stream_reports_carrier_loss_and_addresses() {
         let idx = nl.ifindex("eth0").await.unwrap();
         ready_tx.send(()).unwrap();
         // 1. the peer end goes down -> carrier lost on eth0.
-        let e = next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.carrier)).await;
+        let e = next_matching(
+            &mut ev,
+            |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.carrier),
+        )
+        .await;
         let NetEvent::Link(l) = e else { unreachable!() };
         assert_eq!(l.name, "eth0");
         assert!(l.admin_up, "eth0 itself stays up");
@@ -196,20 +200,57 @@ fn link_event_stream_reports_carrier_loss_and_addresses() {
         assert!(l.mac.is_some());
         tx.send("down").unwrap();
         // 2. back up -> carrier.
-        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.carrier)).await;
+        next_matching(
+            &mut ev,
+            |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.carrier),
+        )
+        .await;
         tx.send("up").unwrap();
-        // 3. address added and removed through netlink.
+        // 3. address added and removed through netlink; its prefix route
+        // comes and goes with it (events in any order).
         let a: Ipv6Addr = "2001:db8:13::1".parse().unwrap();
-        nl.addr_add(idx, &AddrSpec::new(a, 64).nodad()).await.unwrap();
-        next_matching(&mut ev, |e| matches!(e, NetEvent::AddrAdded(x) if x.addr == a && x.ifindex == idx && x.usable())).await;
+        let net: ipnetwork::Ipv6Network = "2001:db8:13::/64".parse().unwrap();
+        nl.addr_add(idx, &AddrSpec::new(a, 64).nodad())
+            .await
+            .unwrap();
+        let (mut addr_seen, mut route_seen) = (false, false);
+        while !(addr_seen && route_seen) {
+            match next_matching(&mut ev, |e| {
+                matches!(e, NetEvent::AddrAdded(x) if x.addr == a && x.ifindex == idx && x.usable())
+                    || matches!(e, NetEvent::RouteAdded(r) if r.dst == net && r.oif == Some(idx))
+            })
+            .await
+            {
+                NetEvent::AddrAdded(_) => addr_seen = true,
+                _ => route_seen = true,
+            }
+        }
         nl.addr_del(idx, a, 64).await.unwrap();
-        next_matching(&mut ev, |e| matches!(e, NetEvent::AddrRemoved(x) if x.addr == a)).await;
-        // 4. the prefix route came and went with it.
-        // 5. admin down -> event with admin_up false.
+        let (mut addr_gone, mut route_gone) = (false, false);
+        while !(addr_gone && route_gone) {
+            match next_matching(&mut ev, |e| {
+                matches!(e, NetEvent::AddrRemoved(x) if x.addr == a)
+                    || matches!(e, NetEvent::RouteRemoved(r) if r.dst == net)
+            })
+            .await
+            {
+                NetEvent::AddrRemoved(_) => addr_gone = true,
+                _ => route_gone = true,
+            }
+        }
+        // 4. admin down -> event with admin_up false.
         nl.set_down(idx).await.unwrap();
-        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.admin_up)).await;
+        next_matching(
+            &mut ev,
+            |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && !l.admin_up),
+        )
+        .await;
         nl.set_up(idx).await.unwrap();
-        next_matching(&mut ev, |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.admin_up)).await;
+        next_matching(
+            &mut ev,
+            |e| matches!(e, NetEvent::Link(l) if l.ifindex == idx && l.admin_up),
+        )
+        .await;
     });
     ready_rx.recv_timeout(T).unwrap();
     p.set_peer_carrier("peer0", false).unwrap();
@@ -296,4 +337,50 @@ fn sysctl_reads_and_writes_in_namespace() {
             .unwrap(),
         "1"
     );
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn neighbour_events_report_an_unreachable_neighbour() {
+    let (h, p) = pair();
+    p.addr_add("peer0", "2001:db8:14::1/64", true).unwrap();
+    h.addr_add("eth0", "2001:db8:14::2/64", true).unwrap();
+    // Fast NUD so the test does not wait 3 s for FAILED.
+    h.sysctl("net.ipv6.neigh.eth0.retrans_time_ms", "50")
+        .unwrap();
+    h.sysctl("net.ipv6.neigh.eth0.mcast_solicit", "2").unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let worker = h.spawn_tokio(move || async move {
+        let (mut ev, _c) = NetEvents::subscribe(EventGroups::all()).unwrap();
+        ready_tx.send(()).unwrap();
+        let ghost: Ipv6Addr = "2001:db8:14::99".parse().unwrap();
+        let real: Ipv6Addr = "2001:db8:14::1".parse().unwrap();
+        let mut seen_real = false;
+        let mut seen_failed = false;
+        tokio::time::timeout(T, async {
+            while !(seen_real && seen_failed) {
+                if let Some(NetEvent::NeighChanged(n)) = ev.next().await {
+                    if n.ip == real && n.mac.is_some() {
+                        seen_real = true;
+                    }
+                    if n.ip == ghost && n.failed() {
+                        seen_failed = true;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("neighbour events missing");
+        let (nl, _c2) = Netlink::connect().unwrap();
+        let idx = nl.ifindex("eth0").await.unwrap();
+        let all = nl.neighbours(Some(idx)).await.unwrap();
+        assert!(
+            all.iter().any(|n| n.ip == real && n.mac.is_some()),
+            "{all:?}"
+        );
+    });
+    ready_rx.recv_timeout(T).unwrap();
+    assert!(h.ping6("2001:db8:14::1", 2));
+    assert!(!h.ping6("2001:db8:14::99", 1));
+    worker.join().unwrap().unwrap();
 }
