@@ -40,7 +40,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use etherparse::{EtherType, Ethernet2Slice, IpNumber, Ipv6ExtensionSlice, Ipv6Slice};
 use mat6_proto::ndp::{is_link_local, NdpError, NdpRepr};
-use nix::sys::socket::{recvfrom, sendmsg, ControlMessage, LinkAddr, MsgFlags, SockaddrIn6};
+use nix::sys::socket::{
+    getsockname, recvfrom, sendmsg, ControlMessage, LinkAddr, MsgFlags, SockaddrIn6,
+    SockaddrStorage,
+};
 use socket2::{Domain, Protocol, SockFilter, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -383,6 +386,27 @@ impl PacketSocket {
         self.ifindex
     }
 
+    /// The interface's current MAC address (from the bound socket's name).
+    pub fn mac(&self) -> Result<[u8; 6], Icmp6Error> {
+        let ifindex = self.ifindex;
+        // The kernel returns a sockaddr_ll shortened to the MAC's length,
+        // which `LinkAddr` refuses; the storage type pads it.
+        let addr = getsockname::<SockaddrStorage>(self.fd.get_ref().as_raw_fd()).map_err(|e| {
+            Icmp6Error::Socket {
+                what: "getsockname",
+                ifindex,
+                source: io::Error::from(e),
+            }
+        })?;
+        addr.as_link_addr()
+            .and_then(LinkAddr::addr)
+            .ok_or(Icmp6Error::Socket {
+                what: "read MAC address",
+                ifindex,
+                source: io::Error::from(io::ErrorKind::InvalidData),
+            })
+    }
+
     /// Receives one frame into `buf` (frames longer than `buf` are truncated).
     pub async fn recv_frame(&self, buf: &mut [u8]) -> Result<FrameIn, Icmp6Error> {
         let ifindex = self.ifindex;
@@ -390,12 +414,14 @@ impl PacketSocket {
             let r = self
                 .fd
                 .async_io(Interest::READABLE, |s| {
-                    recvfrom::<LinkAddr>(s.as_raw_fd(), buf).map_err(io::Error::from)
+                    recvfrom::<SockaddrStorage>(s.as_raw_fd(), buf).map_err(io::Error::from)
                 })
                 .await;
             match r {
                 Ok((len, addr)) => {
                     let (ifi, pkttype) = addr
+                        .as_ref()
+                        .and_then(SockaddrStorage::as_link_addr)
                         .map(|a| (u32::try_from(a.ifindex()).unwrap_or(0), a.pkttype()))
                         .unwrap_or((ifindex, 0));
                     return Ok(FrameIn {
@@ -536,6 +562,8 @@ impl NdpReceiver {
 pub struct NdpSender {
     fd: AsyncFd<Socket>,
     ifindex: u32,
+    /// For messages from `::` when the kernel has no source to give.
+    link: PacketSocket,
 }
 
 impl NdpSender {
@@ -569,7 +597,9 @@ impl NdpSender {
         // message the kernel queues to raw sockets small.
         s.set_recv_buffer_size(1).map_err(err("SO_RCVBUF"))?;
         let fd = sys::async_fd(s).map_err(err("register with tokio"))?;
-        Ok(NdpSender { fd, ifindex })
+        // Send-only: a filter that accepts nothing keeps its queue empty.
+        let link = PacketSocket::bind_with_filter(ifindex, &[SockFilter::new(0x06, 0, 0, 0)])?;
+        Ok(NdpSender { fd, ifindex, link })
     }
 
     /// The interface index.
@@ -577,11 +607,17 @@ impl NdpSender {
         self.ifindex
     }
 
-    /// Sends `repr` to `dst`. `src` = `None` lets the kernel choose (or use
-    /// `::` when the interface has no usable address, as for an RS during
-    /// DAD); `Some(a)` sends from `a`, which must be assigned to this host
-    /// (an optimistic or nodad address is fine). Link-local and multicast
+    /// Sends `repr` to `dst`. `src` = `None` lets the kernel choose;
+    /// `Some(a)` sends from `a`, which must be assigned to this host (an
+    /// optimistic or nodad address is fine). Link-local and multicast
     /// destinations are scoped to this interface.
+    ///
+    /// When the interface has no usable address yet (its link-local is
+    /// tentative, e.g. right after carrier came back) and `src` is `None` or
+    /// `::`, the kernel refuses (EADDRNOTAVAIL); a message to a multicast
+    /// group is then sent from `::` as a whole Ethernet frame, as RFC 4861
+    /// allows for RS and NS, with the source link-layer option removed (it
+    /// must not accompany an unspecified source). Returns the ICMPv6 length.
     pub async fn send(
         &self,
         repr: &NdpRepr,
@@ -589,7 +625,35 @@ impl NdpSender {
         dst: Ipv6Addr,
     ) -> Result<usize, Icmp6Error> {
         let bytes = repr.to_bytes(src.unwrap_or(Ipv6Addr::UNSPECIFIED), dst)?;
-        self.send_raw(&bytes, src, dst).await
+        match self.send_raw(&bytes, src, dst).await {
+            Err(Icmp6Error::Send { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL)
+                    && src.is_none_or(|s| s.is_unspecified())
+                    && dst.is_multicast() =>
+            {
+                self.send_from_unspecified(repr, dst).await
+            }
+            r => r,
+        }
+    }
+
+    async fn send_from_unspecified(
+        &self,
+        repr: &NdpRepr,
+        dst: Ipv6Addr,
+    ) -> Result<usize, Icmp6Error> {
+        let repr = match repr {
+            NdpRepr::RouterSolicit { .. } => NdpRepr::RouterSolicit { source_ll: None },
+            NdpRepr::NeighborSolicit { target, .. } => NdpRepr::NeighborSolicit {
+                target: *target,
+                source_ll: None,
+            },
+            other => other.clone(),
+        };
+        let mac = self.link.mac()?;
+        let frame = ndp_frame(&repr, mac, None, Ipv6Addr::UNSPECIFIED, dst, 255)?;
+        self.link.send_frame(&frame).await?;
+        Ok(repr.buffer_len())
     }
 
     /// Sends ICMPv6 bytes as they are (the kernel rewrites the checksum).

@@ -337,3 +337,62 @@ fn sender_sends_unsolicited_na_from_chosen_source_with_hop_limit_255() {
     assert_eq!(ra_in.dst, l.r_ll);
     assert_eq!(ra_in.hop_limit, 255);
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn router_solicitation_during_dad_goes_out_from_unspecified() {
+    let r = Netns::new_router("m6n-dr").unwrap();
+    let h = Netns::new("m6n-dh").unwrap();
+    veth_pair(&r, "r0", &h, "eth0").unwrap();
+    // Slow DAD: the host's link-local stays tentative during the test.
+    h.sysctl("net.ipv6.conf.eth0.dad_transmits", "10").unwrap();
+    h.sysctl("net.ipv6.conf.eth0.accept_ra", "0").unwrap();
+    r.link_up("r0").unwrap();
+    let r_idx = r.ifindex("r0").unwrap();
+    let h_idx = h.ifindex("eth0").unwrap();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let listener = r.spawn_tokio(move || async move {
+        let mut rx = NdpReceiver::bind(r_idx).unwrap();
+        ready_tx.send(()).unwrap();
+        tokio::time::timeout(T, async {
+            loop {
+                let p = rx.recv().await.unwrap();
+                if matches!(p.repr, NdpRepr::RouterSolicit { .. }) {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("no RS")
+    });
+    ready_rx.recv_timeout(T).unwrap();
+    h.link_up("eth0").unwrap();
+    h.wait_carrier("eth0", true, T).unwrap();
+    let addrs = h.addrs6("eth0").unwrap();
+    assert!(
+        addrs
+            .iter()
+            .all(|(_, f)| f.iter().any(|x| x == "tentative")),
+        "{addrs:?}"
+    );
+    let h_mac = h.mac_bytes("eth0").unwrap();
+    h.run_tokio(|| async move {
+        let tx = NdpSender::bind(h_idx).unwrap();
+        // With a source link-layer option: it must be dropped for `::`.
+        tx.send(
+            &NdpRepr::RouterSolicit {
+                source_ll: Some(h_mac),
+            },
+            None,
+            ALL_ROUTERS,
+        )
+        .await
+        .unwrap();
+    })
+    .unwrap();
+    let rs = listener.join().unwrap().unwrap();
+    assert_eq!(rs.src, Ipv6Addr::UNSPECIFIED);
+    assert_eq!(rs.hop_limit, 255);
+    assert_eq!(rs.src_mac, h_mac);
+    assert_eq!(rs.repr, NdpRepr::RouterSolicit { source_ll: None });
+}
