@@ -203,10 +203,25 @@ pub struct Netns {
 
 impl Netns {
     /// Creates `PREFIX-PID-N` with `lo` up. Forwarding stays off (host).
+    /// A name left behind by a crashed earlier process with the same pid is
+    /// skipped (the next counter value is tried).
     pub fn new(prefix: &str) -> Result<Netns> {
-        let (pid, n) = next_id();
-        let name = format!("{prefix}-{pid}-{n}");
-        ip(&["netns", "add", &name])?;
+        if prefix.is_empty() || prefix.contains('/') || prefix.contains(char::is_whitespace) {
+            return Err(NetnsError::Parse {
+                cmd: "Netns::new".to_owned(),
+                output: format!("bad namespace prefix {prefix:?}"),
+            });
+        }
+        let mut attempt = 0;
+        let name = loop {
+            let (pid, n) = next_id();
+            let name = format!("{prefix}-{pid}-{n}");
+            match ip(&["netns", "add", &name]) {
+                Ok(_) => break name,
+                Err(_) if netns_exists(&name) && attempt < 16 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        };
         // From here on Drop cleans up, also if the next steps fail.
         let ns = Netns { name };
         ns.ip(&["link", "set", "dev", "lo", "up"])?;

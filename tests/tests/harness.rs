@@ -182,3 +182,53 @@ fn move_link_and_router_namespace() {
     let ll = h.wait_link_local("h0", T).unwrap();
     assert!(ll.starts_with("fe80:"), "{ll}");
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn child_guard_and_error_messages() {
+    use std::io::Read;
+    let ns = Netns::new("m6n-c").unwrap();
+    // Piped output is readable.
+    let mut c = ns
+        .spawn_piped("sh", &["-c", "echo hello; echo oops >&2"])
+        .unwrap();
+    let st = c.wait_timeout(T).unwrap();
+    assert!(st.success());
+    let mut out = String::new();
+    c.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out, "hello\n");
+    // terminate(): SIGTERM first, exit status reported.
+    let mut s = ns.spawn("sleep", &["600"]).unwrap();
+    let st = s.terminate(T).unwrap();
+    assert!(!st.success());
+    assert!(!s.is_running());
+    // A failing command's error carries the command line and its stderr.
+    let e = ns
+        .ip(&["link", "set", "dev", "m6nnosuch", "up"])
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("m6nnosuch") && msg.contains(ns.name()),
+        "{msg}"
+    );
+    // The namespace really is separate: only lo inside.
+    let links = ns.ip(&["-o", "link", "show"]).unwrap();
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(ns.carrier("lo").unwrap());
+    // Interface names stay within IFNAMSIZ and work with ip.
+    let br = unique_ifname("m6nbridge-with-a-long-name");
+    ns.bridge(&br).unwrap();
+    assert!(ns.link_exists(&br));
+    ns.tap("m6ntap0").unwrap();
+    ns.bridge_attach("m6ntap0", &br).unwrap();
+    // A tap nobody opened has no carrier.
+    assert!(!ns.carrier("m6ntap0").unwrap());
+    ns.bridge_detach("m6ntap0").unwrap();
+    ns.link_del("m6ntap0").unwrap();
+    assert!(!ns.link_exists("m6ntap0"));
+}
