@@ -71,7 +71,7 @@ PROBE_BIN="$ROOT/target/release/mat6-probe"
 # Modules, in load order (dependencies first), resolved with modules.dep.
 WANT_MODS=(
     virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-    failover net_failover virtio_net
+    failover net_failover virtio_net virtio_console
     nfnetlink nf_tables nf_defrag_ipv6 nf_defrag_ipv4 nf_conntrack nft_ct
     nf_reject_ipv6 nf_reject_ipv4 nft_reject nft_reject_inet nft_reject_ipv6
     nft_fib nft_fib_ipv6 nft_fib_inet nft_limit nft_quota nft_hash nft_numgen

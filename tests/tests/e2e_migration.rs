@@ -1,0 +1,118 @@
+//! End-to-end live migration under QEMU (TCG) in the two-site testbed.
+//! Privileged (root, netns, QEMU) and slow: run with `./test.sh`, or
+//! `cargo test -p mat6-tests --test e2e_migration -- --include-ignored --test-threads=1 --nocapture`.
+//! Needs the guest image: `images/build.sh`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use mat6_tests::qemu::GuestImage;
+use mat6_tests::testbed::{Mode, RunResult, Testbed, TestbedOptions, Tools};
+
+fn tools() -> Tools {
+    Tools {
+        probe: PathBuf::from(env!("CARGO_BIN_EXE_mat6-probe")),
+    }
+}
+
+fn image() -> GuestImage {
+    GuestImage::locate().expect("guest image (run images/build.sh)")
+}
+
+fn report(r: &RunResult) {
+    println!(
+        "mode={} mem={}MiB T_DW={:.1}ms (cn->vm {:.1}, vm->cn {:.1}) T_ALL={:.1}ms qemu_downtime={}ms qemu_total={}ms udp_lost={} udp_gap={:.1}ms tcp_survived={} tcp_gap={:.1}ms",
+        r.mode,
+        r.mem_mb,
+        r.tdw_ms,
+        r.ping_cn_to_vm.max_gap_ms,
+        r.ping_vm_to_cn.max_gap_ms,
+        r.tall_ms,
+        r.qemu_downtime_ms,
+        r.qemu_total_ms,
+        r.udp_lost,
+        r.udp_max_gap_ms,
+        r.tcp_survived,
+        r.tcp_max_gap_ms
+    );
+}
+
+fn assert_run(r: &RunResult) {
+    assert!(
+        r.qemu_total_ms > 0,
+        "migration did not report a total time: {r:?}"
+    );
+    assert!(
+        r.tcp_survived,
+        "TCP stream did not survive the migration: {}",
+        r.tcp_report
+    );
+    assert!(
+        r.resumed_cn_to_vm,
+        "CN -> VM replies did not resume after the migration: {:?}",
+        r.ping_cn_to_vm
+    );
+    assert!(
+        r.resumed_vm_to_cn,
+        "VM -> CN replies did not resume after the migration: {:?}",
+        r.ping_vm_to_cn
+    );
+    // Both pings ran during the whole window: a few hundred replies each.
+    assert!(r.ping_cn_to_vm.replies > 200, "{:?}", r.ping_cn_to_vm);
+    assert!(r.ping_vm_to_cn.replies > 200, "{:?}", r.ping_vm_to_cn);
+    let sent = r
+        .udp_report
+        .get("sent")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    assert!(sent > 100, "UDP stream did not run: {}", r.udp_report);
+    assert!(
+        r.udp_lost < sent / 2,
+        "UDP stream mostly lost: {}",
+        r.udp_report
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn e2e_lan_migration_keeps_connections() {
+    let img = image();
+    let tb = Testbed::new(&TestbedOptions::default()).expect("testbed");
+    let r = tb
+        .run_migration(&img, &tools(), Mode::Lan, 128)
+        .expect("lan migration");
+    report(&r);
+    assert_run(&r);
+}
+
+/// The QEMU harness itself: boot with an overlay, run commands over the
+/// control shell (output and exit status), QMP status.
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn e2e_qemu_harness_boots_and_runs_commands() {
+    use mat6_tests::qemu::{Overlay, Qemu, VmSpec};
+    use std::time::Duration;
+    let img = image();
+    let spec = VmSpec::new("harness", 128).overlay(
+        Overlay::new()
+            .vm_conf("HOSTNAME=m6e-harness\nmat6_setup() { echo setup-ran >/tmp/setup; }\n")
+            .file("/etc/mat6/extra.txt", "hello overlay\n", 0o600),
+    );
+    let mut vm = Qemu::start(&img, &spec, None).expect("start qemu");
+    let boot = vm.wait_ready(Duration::from_secs(120)).expect("boot");
+    println!("boot to control shell: {boot:?}");
+    assert_eq!(vm.status().unwrap(), "running");
+    let out = vm
+        .sh_ok(
+            "hostname; cat /etc/mat6/extra.txt /tmp/setup",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(out, "m6e-harness\nhello overlay\nsetup-ran\n");
+    let (rc, _) = vm.sh("false", Duration::from_secs(10)).unwrap();
+    assert_eq!(rc, 1);
+    let out = vm
+        .sh_ok("ls /sys/class/net", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+}
