@@ -519,6 +519,17 @@ impl Netns {
             })
     }
 
+    /// Polls `cond` every 10 ms until true or `timeout` ([`wait_for`] with
+    /// the namespace's name in the error).
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl FnMut() -> bool,
+    ) -> Result<()> {
+        wait_for(&format!("{what} in {}", self.name), timeout, cond)
+    }
+
     /// Waits until `addr` on `ifname` is usable (not tentative).
     pub fn wait_addr_ready(&self, ifname: &str, addr: &str, timeout: Duration) -> Result<()> {
         wait_for(

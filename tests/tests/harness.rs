@@ -68,7 +68,7 @@ fn ping6_over_bridge_and_cleanup() {
         l.sw.set_peer_carrier(&l.sw_a, true).unwrap();
         l.a.wait_carrier("eth0", true, T).unwrap();
         // The bridge port goes back to forwarding; allow a moment.
-        mat6_tests::netns::wait_for("ping after carrier back", T, || {
+        l.a.wait_for("ping after carrier back", T, || {
             l.a.ping6("2001:db8:100::b", 1)
         })
         .unwrap();
