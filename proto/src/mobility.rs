@@ -539,6 +539,9 @@ pub struct Mobility {
     registration: Registration,
     last_accepted: Option<(u64, Instant)>,
     refresh_at: Option<Instant>,
+    /// Start-up: when to give up waiting for the primary and promote the
+    /// secondary's standby.
+    promote_at: Option<Instant>,
     peers: BTreeMap<Ipv6Addr, PeerBinding>,
     notifies: BTreeMap<u64, (Ipv6Addr, PendingNotify)>,
     next_nonce: u64,
@@ -624,6 +627,7 @@ impl Mobility {
             registration: Registration::Idle,
             last_accepted: None,
             refresh_at: None,
+            promote_at: None,
             peers: BTreeMap::new(),
             notifies: BTreeMap::new(),
             handover: None,
@@ -1115,7 +1119,24 @@ impl Mobility {
             ifname: cfg.name.clone(),
             moa: a.moa,
         });
-        if self.active_idx().is_none() {
+        // At start-up, when both links come up together, the primary wins:
+        // a secondary that hears its router first waits as standby for a
+        // moment while the primary is still soliciting.
+        let startup = self.history.is_empty() && self.handover.is_none();
+        let primary_pending = self.ifaces.iter().any(|i| {
+            i.cfg.role == Role::Primary && matches!(i.state, IfaceState::Unconfigured { .. })
+        });
+        let wait_for_primary = self.active_idx().is_none()
+            && startup
+            && cfg.role == Role::Secondary
+            && primary_pending;
+        if wait_for_primary {
+            self.install_router(k, &a, self.cfg.timers.standby_metric);
+            self.ifaces[k].state = IfaceState::Standby(a);
+            self.promote_at = Some(now + self.cfg.timers.rs_interval * 2);
+            self.register(false, now);
+        } else if self.active_idx().is_none() {
+            self.promote_at = None;
             self.install_router(k, &a, self.cfg.timers.active_metric);
             self.ifaces[k].state = IfaceState::Active(a.clone());
             let (started, kind) = match &self.handover {
@@ -1464,6 +1485,7 @@ impl Mobility {
                 IfaceState::Down => {}
             }
         }
+        min(self.promote_at);
         if let Registration::Pending { client, .. } = &self.registration {
             min(client.poll_timeout());
         } else {
@@ -1477,6 +1499,14 @@ impl Mobility {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.promote_at.is_some_and(|t| t <= now) {
+            self.promote_at = None;
+            if self.active_idx().is_none() {
+                if let Some(s) = self.standby_idx() {
+                    self.promote(s, now, HandoverKind::Initial);
+                }
+            }
+        }
         for k in 0..self.ifaces.len() {
             match &self.ifaces[k].state {
                 IfaceState::Unconfigured { .. } => self.solicit(k, now),
@@ -2277,6 +2307,42 @@ mod tests {
         assert!(updates(&a).is_empty());
         assert_eq!(m.poll_timeout(), None);
         assert_eq!(m.active_moa(), None);
+    }
+
+    #[test]
+    fn primary_wins_at_startup() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(0));
+        drain(&mut m);
+        // The secondary's router answers first: it waits as standby.
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(1));
+        assert_eq!(m.active_moa(), None);
+        assert_eq!(m.standby_moas(), vec![moa_for(PFX_B, MAC2)]);
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(5));
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_A, MAC1)));
+        assert_eq!(m.standby_moas(), vec![moa_for(PFX_B, MAC2)]);
+        m.handle_timeout(c.at(600));
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_A, MAC1)));
+    }
+
+    #[test]
+    fn secondary_promoted_when_primary_stays_silent() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(1));
+        assert_eq!(m.active_moa(), None);
+        m.handle_timeout(c.at(250)); // an RS retransmission on eth0
+        assert_eq!(m.active_moa(), None);
+        m.handle_timeout(c.at(501));
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+        let a = drain(&mut m);
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::AddRoute(r) if r.ifindex == 3 && r.metric == 100)));
     }
 
     #[test]
