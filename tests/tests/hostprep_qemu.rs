@@ -1,0 +1,349 @@
+//! host-prep's QMP part against real QEMU (TCG) processes: a guest with two
+//! NICs migrates between two "hosts" (network namespaces, each with a real
+//! bridge and a bridge with no uplink); `host-prep receive` on the
+//! destination swaps the attachments and turns the old active NIC's carrier
+//! off on RESUME, which the guest sees; `host-prep migrate --no-prep` runs
+//! the whole sequence and prints its phase table as JSON.
+//!
+//! Namespaces are `m6h-PID-N`; QEMU processes, taps and namespaces are
+//! removed on drop (the harness guards), also when an assertion fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use mat6_tests::netns::{ChildGuard, Netns};
+use mat6_tests::qemu::{GuestImage, NicSpec, Qemu, VmSpec};
+use serde_json::Value;
+
+const VM: &str = "m6hvm";
+const TAP0: &str = "m6ht0";
+const TAP1: &str = "m6ht1";
+
+/// A private directory under `$TMPDIR`, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("m6h-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The host-prep binary next to this test binary (`cargo test --workspace`
+/// builds it), or `$HOST_PREP_BIN`.
+fn host_prep_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOST_PREP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("host-prep");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build -p host-prep` (./test.sh builds the workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// A host: a namespace with the real bridge `br0` and the no-uplink `brnu`.
+fn host() -> Netns {
+    let ns = Netns::new("m6h").unwrap();
+    ns.bridge("br0").unwrap();
+    ns.bridge("brnu").unwrap();
+    ns
+}
+
+fn spec() -> VmSpec {
+    VmSpec::new(VM, 128)
+        .nic(NicSpec::new("net0", "52:54:00:6d:68:01", TAP0, "br0"))
+        .nic(NicSpec::new("net1", "52:54:00:6d:68:02", TAP1, "brnu"))
+}
+
+fn write_config(dir: &Path, a: &Netns, b: &Netns, uri: &str) -> PathBuf {
+    let bin = host_prep_bin();
+    let cfg = format!(
+        r#"
+state_dir = "{dir}/state"
+
+[timeouts]
+start_ms = 20000
+migrate_ms = 120000
+
+[sites.A]
+bridge = "br0"
+standby_bridge = "brnu"
+receive_command = ["ip", "netns", "exec", "{a}", "{bin}", "-c", "{dir}/host-prep.toml", "--site", "A", "receive", "--vm", "{{vm}}", "--active", "{{active}}", "--attach", "{{attach}}", "--existing", "--json"]
+migrate_uri = "{uri}"
+
+[sites.B]
+bridge = "br0"
+standby_bridge = "brnu"
+receive_command = ["ip", "netns", "exec", "{b}", "{bin}", "-c", "{dir}/host-prep.toml", "--site", "B", "receive", "--vm", "{{vm}}", "--active", "{{active}}", "--attach", "{{attach}}", "--existing", "--json"]
+migrate_uri = "{uri}"
+
+[vms.{VM}]
+qmp = "{dir}/{{site}}.qmp"
+hoa = "2001:db8:100::10"
+[[vms.{VM}.nics]]
+id = "net0"
+tap = "{TAP0}"
+[[vms.{VM}.nics]]
+id = "net1"
+tap = "{TAP1}"
+"#,
+        dir = dir.display(),
+        a = a.name(),
+        b = b.name(),
+        bin = bin.display(),
+    );
+    let path = dir.join("host-prep.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// Link-local addresses of the guest's eth0 / eth1 (EUI-64 of their MACs).
+const LL0: &str = "fe80::5054:ff:fe6d:6801";
+const LL1: &str = "fe80::5054:ff:fe6d:6802";
+
+/// Does the guest NIC with link-local `ll` answer a ping sent out of
+/// `bridge` in `ns`? A NIC whose link QEMU set down neither receives nor
+/// sends, so this is the data-path view of its carrier.
+fn answers(ns: &Netns, ll: &str, bridge: &str) -> bool {
+    ns.ping6(&format!("{ll}%{bridge}"), 1)
+}
+
+fn wait_answers(ns: &Netns, ll: &str, bridge: &str, timeout: Duration) {
+    let start = std::time::Instant::now();
+    while !answers(ns, ll, bridge) {
+        assert!(
+            start.elapsed() < timeout,
+            "guest {ll} does not answer on {bridge} in {} after {timeout:?}",
+            ns.name()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn master_of(ns: &Netns, ifname: &str) -> String {
+    let out = ns.ip(&["-o", "link", "show", "dev", ifname]).unwrap();
+    out.split_whitespace()
+        .skip_while(|w| *w != "master")
+        .nth(1)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Reads JSON lines from a child's stdout until one has `"event": want`.
+fn read_event(lines: &mut impl Iterator<Item = std::io::Result<String>>, want: &str) -> Value {
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v["event"] == want {
+                return v;
+            }
+            assert_ne!(v["event"], "error", "receive failed: {v}");
+        }
+    }
+    panic!("receive's stdout ended before event {want}");
+}
+
+fn symlink(target: &Path, link: &Path) {
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(target, link).unwrap();
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn receive_swaps_nics_and_turns_old_active_carrier_off_on_resume() {
+    let img = GuestImage::locate().unwrap();
+    let tmp = TempDir::new();
+    let (a, b) = (host(), host());
+    let mut src = Qemu::start(&img, &spec(), Some(&a)).unwrap();
+    // Booted, both NICs up: each answers on its bridge.
+    wait_answers(&a, LL0, "br0", Duration::from_secs(120));
+    wait_answers(&a, LL1, "brnu", Duration::from_secs(10));
+
+    let uri = src.migration_uri();
+    // The destination QEMU starts with the source's attachments; host-prep
+    // moves the taps to the swapped bridges before the VM resumes.
+    let mut dst = Qemu::start(&img, &spec().incoming(&uri), Some(&b)).unwrap();
+    dst.release_qmp().unwrap();
+    let cfg = write_config(tmp.path(), &a, &b, &uri);
+    symlink(&dst.qmp_path(), &tmp.path().join("B.qmp"));
+
+    let mut cmd = b.command(host_prep_bin());
+    cmd.args(["-c"])
+        .arg(&cfg)
+        .args([
+            "--site",
+            "B",
+            "receive",
+            "--vm",
+            VM,
+            "--active",
+            "net0",
+            "--attach",
+            "swap",
+            "--existing",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut recv = ChildGuard::spawn(cmd).unwrap();
+    let stdout = recv.child_mut().stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let listening = read_event(&mut lines, "listening");
+    assert_eq!(listening["vm"], VM);
+    assert_eq!(
+        master_of(&b, TAP1),
+        "br0",
+        "standby NIC's tap moved to the real bridge"
+    );
+    assert_eq!(
+        master_of(&b, TAP0),
+        "brnu",
+        "active NIC's tap moved to the no-uplink bridge"
+    );
+
+    src.migrate(&uri).unwrap();
+    let stats = src.wait_migration(Duration::from_secs(120)).unwrap();
+    let switched = read_event(&mut lines, "switched");
+    assert_eq!(switched["old_active"], "net0");
+    assert_eq!(switched["new_active"], "net1");
+    let switch_ms = switched["switch_ms"].as_f64().unwrap();
+    assert!(switch_ms > 0.0, "{switched}");
+    let status = recv.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "receive exited with {status}");
+    eprintln!(
+        "QEMU total {} ms, downtime {} ms; RESUME -> set_link off {switch_ms:.2} ms",
+        stats.total_ms, stats.downtime_ms
+    );
+
+    // On the destination, eth1 (the prepared standby, now on the real
+    // bridge) answers; eth0 (the old active, carrier off) does not.
+    wait_answers(&b, LL1, "br0", Duration::from_secs(10));
+    assert!(
+        !answers(&b, LL0, "brnu"),
+        "old active NIC still passes traffic"
+    );
+    // Control: the same ping passes once its link is set up again, so the
+    // silence above was the carrier.
+    dst.reconnect_qmp().unwrap();
+    dst.set_link("net0", true).unwrap();
+    wait_answers(&b, LL0, "brnu", Duration::from_secs(10));
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("state").join(format!("{VM}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["active"], "net1");
+    assert_eq!(state["site"], "B");
+    dst.quit().unwrap();
+    drop(src);
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn migrate_without_preparation_prints_phase_table() {
+    let img = GuestImage::locate().unwrap();
+    let tmp = TempDir::new();
+    let (a, b) = (host(), host());
+    let mut src = Qemu::start(&img, &spec(), Some(&a)).unwrap();
+    wait_answers(&a, LL0, "br0", Duration::from_secs(120));
+    let uri = src.migration_uri();
+    let mut dst = Qemu::start(&img, &spec().incoming(&uri), Some(&b)).unwrap();
+    dst.release_qmp().unwrap();
+    src.release_qmp().unwrap();
+    let cfg = write_config(tmp.path(), &a, &b, &uri);
+    symlink(&src.qmp_path(), &tmp.path().join("A.qmp"));
+    symlink(&dst.qmp_path(), &tmp.path().join("B.qmp"));
+
+    // Dry run first: the plan names the steps and changes nothing.
+    let out = a
+        .command(host_prep_bin())
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "--site",
+            "A",
+            "migrate",
+            "--vm",
+            VM,
+            "--to",
+            "B",
+            "--no-prep",
+            "--dry-run",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("QMP migrate") && plan.contains("dry run"),
+        "{plan}"
+    );
+    assert!(!tmp.path().join("state").join(format!("{VM}.json")).exists());
+
+    let out = a
+        .command(host_prep_bin())
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "--site",
+            "A",
+            "migrate",
+            "--vm",
+            VM,
+            "--to",
+            "B",
+            "--no-prep",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{report:#}");
+    for key in [
+        "prep_ms",
+        "precopy_ms",
+        "qemu_downtime_ms",
+        "switch_ms",
+        "total_ms",
+    ] {
+        assert!(report[key].is_f64(), "{key} missing in {report}");
+    }
+    assert_eq!(report["mode"], "noprep");
+    assert_eq!(report["new_active"], "net0", "no swap without preparation");
+    assert!(report["total_ms"].as_f64().unwrap() >= report["precopy_ms"].as_f64().unwrap());
+    assert!(report["transferred_bytes"].as_u64().unwrap() > 0);
+    // Attachments kept: the active NIC is on the destination's real bridge.
+    assert_eq!(master_of(&b, TAP0), "br0");
+    assert_eq!(master_of(&b, TAP1), "brnu");
+    wait_answers(&b, LL0, "br0", Duration::from_secs(10));
+    wait_answers(&b, LL1, "brnu", Duration::from_secs(10));
+    dst.reconnect_qmp().unwrap();
+    dst.quit().unwrap();
+}
