@@ -129,6 +129,15 @@ pub enum KeysCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Create a private CA and server certificate (labs/tests): ca.pem, server.pem, server.key.
+    GenTls {
+        /// Output directory (must exist; files must not).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names/addresses the certificate is valid for.
+        #[arg(long = "name", default_values_t = vec!["localhost".to_string(), "::1".to_string()])]
+        names: Vec<String>,
+    },
     /// Provision (or rotate) the update key of a HoA on a running server.
     Add {
         /// Connection.
@@ -268,6 +277,16 @@ pub async fn run_admin(cmd: Cmd) -> Result<(), CliError> {
             KeysCmd::GenAdminToken { out } => {
                 secrets::generate_admin_token(&out)?;
                 println!("wrote {} (mode 0600)", out.display());
+                Ok(())
+            }
+            KeysCmd::GenTls { dir, names } => {
+                let f = secrets::generate_tls(&dir, &names)?;
+                println!(
+                    "wrote {} (give to clients), {}, {}",
+                    f.ca.display(),
+                    f.cert.display(),
+                    f.key.display()
+                );
                 Ok(())
             }
             KeysCmd::Add { conn, hoa } => {

@@ -43,6 +43,9 @@ pub struct ServeConfig {
     /// Most jobs in one group commit.
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    /// Threads receiving, verifying and signing updates (they share one socket).
+    #[serde(default = "default_udp_threads")]
+    pub udp_threads: usize,
     /// If set, a JSON file with the bound addresses and pid is written here
     /// once the server is ready (tests and scripts use it with port 0).
     #[serde(default)]
@@ -66,6 +69,9 @@ fn default_burst() -> f64 {
 }
 fn default_cache() -> usize {
     16
+}
+fn default_udp_threads() -> usize {
+    2
 }
 fn default_batch() -> usize {
     4096
@@ -134,6 +140,9 @@ impl ServeConfig {
             return Err(ConfigError::Invalid(
                 "rate_limit_per_s must be > 0 and rate_limit_burst >= 1",
             ));
+        }
+        if self.udp_threads == 0 || self.udp_threads > 64 {
+            return Err(ConfigError::Invalid("udp_threads must be 1..=64"));
         }
         if self.max_batch == 0 {
             return Err(ConfigError::Invalid("max_batch must be >= 1"));

@@ -183,6 +183,7 @@ pub async fn start(cfg: &ServeConfig) -> Result<Running, ServeError> {
         rate_per_s: cfg.rate_limit_per_s,
         burst: cfg.rate_limit_burst,
         max_batch: cfg.max_batch,
+        udp_threads: cfg.udp_threads,
     };
     let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(65536);
     let ack_sock = udp.try_clone().map_err(|source| ServeError::Bind {
@@ -198,13 +199,25 @@ pub async fn start(cfg: &ServeConfig) -> Result<Running, ServeError> {
             pipeline::commit_loop(store, ack_sock, shared, limits, jobs_rx)
         }));
     }
-    {
+    let limiter = Arc::new(std::sync::Mutex::new(pipeline::RateLimiter::new(
+        limits.rate_per_s,
+        limits.burst,
+        std::time::Instant::now(),
+    )));
+    for _ in 0..limits.udp_threads {
         let shared = shared.clone();
         let tx = jobs_tx.clone();
+        let limiter = limiter.clone();
+        let sock = udp.try_clone().map_err(|source| ServeError::Bind {
+            what: "UDP update",
+            addr: cfg.udp_listen,
+            source,
+        })?;
         threads.push(std::thread::spawn(move || {
-            pipeline::recv_loop(udp, shared, limits, tx)
+            pipeline::recv_loop(sock, shared, limits, tx, limiter)
         }));
     }
+    drop(udp);
     let ctx = control::ControlCtx {
         shared: shared.clone(),
         jobs: jobs_tx,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mat6_proto::assertion::SigningKey;
@@ -81,6 +81,8 @@ pub struct Limits {
     pub burst: f64,
     /// Most jobs in one commit.
     pub max_batch: usize,
+    /// Receive/verify/sign threads.
+    pub udp_threads: usize,
 }
 
 /// Unix seconds now.
@@ -137,17 +139,27 @@ fn send_ack(sock: &UdpSocket, to: SocketAddr, key: &hmac::Key, ack: &AckRepr) {
     }
 }
 
-/// The receive loop (runs on its own thread until `shared.stop`).
-pub fn recv_loop(sock: UdpSocket, shared: Arc<Shared>, limits: Limits, jobs: SyncSender<Job>) {
+/// A receive loop (several threads may share one socket and one limiter;
+/// each runs until `shared.stop`).
+pub fn recv_loop(
+    sock: UdpSocket,
+    shared: Arc<Shared>,
+    limits: Limits,
+    jobs: SyncSender<Job>,
+    limiter: Arc<Mutex<RateLimiter>>,
+) {
     let mut buf = [0u8; 2048];
-    let mut limiter = RateLimiter::new(limits.rate_per_s, limits.burst, Instant::now());
     let m = &shared.metrics;
     while !shared.stop.load(Ordering::Relaxed) {
         let (n, from) = match sock.recv_from(&mut buf) {
             Ok(x) => x,
             Err(_) => continue, // read timeout or transient error
         };
-        if !limiter.allow(from.ip(), Instant::now()) {
+        let allowed = match limiter.lock() {
+            Ok(mut l) => l.allow(from.ip(), Instant::now()),
+            Err(_) => return,
+        };
+        if !allowed {
             m.reject(Reject::RateLimited);
             continue;
         }

@@ -165,6 +165,61 @@ pub fn generate_admin_token(path: &Path) -> Result<String, SecretError> {
     Ok(t)
 }
 
+/// Files written by [`generate_tls`].
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA certificate (give it to clients).
+    pub ca: PathBuf,
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key (mode 0600).
+    pub key: PathBuf,
+}
+
+/// Creates a private CA and a server certificate for `names` (DNS names or
+/// IP addresses) in `dir`: `ca.pem`, `server.pem`, `server.key`. For labs
+/// and tests; production operators may use openssl (see the README).
+pub fn generate_tls(dir: &Path, names: &[String]) -> Result<TlsFiles, SecretError> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let bad = |reason: &'static str| SecretError::Invalid {
+        what: "TLS certificate",
+        path: dir.to_owned(),
+        reason,
+    };
+    let ca_key = KeyPair::generate().map_err(|_| bad("key generation failed"))?;
+    let mut ca_params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|_| bad("CA parameters"))?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mat6 IMS CA");
+    let ca_cert = ca_params
+        .self_signed(&ca_key)
+        .map_err(|_| bad("CA signing failed"))?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let srv_key = KeyPair::generate().map_err(|_| bad("key generation failed"))?;
+    let srv_params =
+        CertificateParams::new(names.to_vec()).map_err(|_| bad("invalid server name"))?;
+    let srv = srv_params
+        .signed_by(&srv_key, &issuer)
+        .map_err(|_| bad("certificate signing failed"))?;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    let w = |p: &Path, c: &str| {
+        std::fs::write(p, c).map_err(|source| SecretError::Write {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    w(&files.ca, &ca_cert.pem())?;
+    w(&files.cert, &srv.pem())?;
+    write_private(&files.key, srv_key.serialize_pem().as_bytes())?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
