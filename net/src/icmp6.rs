@@ -37,6 +37,7 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use etherparse::{EtherType, Ethernet2Slice, IpNumber, Ipv6ExtensionSlice, Ipv6Slice};
 use mat6_proto::ndp::{is_link_local, NdpError, NdpRepr};
@@ -117,6 +118,13 @@ pub enum Icmp6Error {
     /// Interface index 0 is not an interface.
     #[error("interface index 0 is invalid")]
     NoInterface,
+    /// The interface was deleted or moved to another namespace: open a new
+    /// socket on its successor.
+    #[error("interface ifindex {ifindex} is gone")]
+    InterfaceGone {
+        /// Interface index it had.
+        ifindex: u32,
+    },
 }
 
 /// Why a received frame was not handed to the caller.
@@ -408,15 +416,31 @@ impl PacketSocket {
     }
 
     /// Receives one frame into `buf` (frames longer than `buf` are truncated).
+    ///
+    /// When the interface goes administratively down the socket waits for it
+    /// to come back; if it is deleted or moved to another namespace instead,
+    /// this returns [`Icmp6Error::InterfaceGone`] (checked every 500 ms while
+    /// the interface is down).
     pub async fn recv_frame(&self, buf: &mut [u8]) -> Result<FrameIn, Icmp6Error> {
         let ifindex = self.ifindex;
+        let mut down = false;
         loop {
-            let r = self
-                .fd
-                .async_io(Interest::READABLE, |s| {
-                    recvfrom::<SockaddrStorage>(s.as_raw_fd(), buf).map_err(io::Error::from)
-                })
-                .await;
+            if down && !self.still_bound() {
+                return Err(Icmp6Error::InterfaceGone { ifindex });
+            }
+            // ERROR too: a socket error alone (ENETDOWN when the interface
+            // goes down) does not make the socket readable.
+            let io = self.fd.async_io(Interest::READABLE | Interest::ERROR, |s| {
+                recvfrom::<SockaddrStorage>(s.as_raw_fd(), buf).map_err(io::Error::from)
+            });
+            let r = if down {
+                match tokio::time::timeout(Duration::from_millis(500), io).await {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            } else {
+                io.await
+            };
             match r {
                 Ok((len, addr)) => {
                     let (ifi, pkttype) = addr
@@ -431,22 +455,59 @@ impl PacketSocket {
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Down (admin down, or the first step of a deletion): the
+                // kernel reports it once and resumes delivery when it is up.
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENETDOWN) => {
+                    tracing::debug!(ifindex, "interface down; packet socket waits for it");
+                    down = true;
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
+                    return Err(Icmp6Error::InterfaceGone { ifindex })
+                }
                 Err(source) => return Err(Icmp6Error::Recv { ifindex, source }),
             }
+        }
+    }
+
+    /// Is the socket still bound to its interface? (The kernel resets the
+    /// binding to -1 when the interface is unregistered.)
+    fn still_bound(&self) -> bool {
+        match getsockname::<SockaddrStorage>(self.fd.get_ref().as_raw_fd()) {
+            Ok(a) => a
+                .as_link_addr()
+                .is_some_and(|l| l.ifindex() == self.ifindex as usize),
+            Err(_) => true,
         }
     }
 
     /// Sends one whole Ethernet frame (header included) out of the interface.
     pub async fn send_frame(&self, frame: &[u8]) -> Result<usize, Icmp6Error> {
         let ifindex = self.ifindex;
-        self.fd
-            .async_io(Interest::WRITABLE, |s| s.send(frame))
-            .await
-            .map_err(|source| Icmp6Error::Send {
-                dst: "frame".to_owned(),
-                ifindex,
-                source,
-            })
+        let mut retried = false;
+        loop {
+            let r = self
+                .fd
+                .async_io(Interest::WRITABLE, |s| s.send(frame))
+                .await;
+            match r {
+                Ok(n) => return Ok(n),
+                // A pending ENETDOWN from an earlier down/up is reported (and
+                // cleared) by the first send after it: try once more.
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENETDOWN) && !retried => {
+                    retried = true;
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
+                    return Err(Icmp6Error::InterfaceGone { ifindex })
+                }
+                Err(source) => {
+                    return Err(Icmp6Error::Send {
+                        dst: "frame".to_owned(),
+                        ifindex,
+                        source,
+                    })
+                }
+            }
+        }
     }
 }
 

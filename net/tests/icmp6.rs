@@ -396,3 +396,53 @@ fn router_solicitation_during_dad_goes_out_from_unspecified() {
     assert_eq!(rs.src_mac, h_mac);
     assert_eq!(rs.repr, NdpRepr::RouterSolicit { source_ll: None });
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn receiver_survives_admin_down_up_and_reports_a_removed_interface() {
+    let l = link();
+    let (r_idx, r_mac, r_ll, h_idx) = (l.r_idx, l.r_mac, l.r_ll, l.h_idx);
+    let (step_tx, step_rx) = mpsc::channel::<&'static str>();
+    let (ack_tx, ack_rx) = mpsc::channel::<()>();
+    let receiver = l.h.spawn_tokio(move || async move {
+        let mut rx = NdpReceiver::bind(h_idx).unwrap();
+        ack_tx.send(()).unwrap();
+        // First RA arrives after the interface went down and up again.
+        let p = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("no RA after down/up");
+        let p = p.expect("receiver failed after admin down/up");
+        assert_eq!(first_prefix(&p.repr), Some("2001:db8:f::".parse().unwrap()));
+        ack_tx.send(()).unwrap();
+        // Now the interface is deleted: a typed error, not a hang.
+        let e = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("receiver hangs on a removed interface")
+            .unwrap_err();
+        drop(step_rx);
+        e.to_string()
+    });
+    ack_rx.recv_timeout(T).unwrap();
+    l.h.link_down("eth0").unwrap();
+    l.h.link_up("eth0").unwrap();
+    l.h.wait_carrier("eth0", true, T).unwrap();
+    l.r.run_tokio(|| async move {
+        let sock = PacketSocket::bind(r_idx).unwrap();
+        let f = ndp_frame(
+            &ra("2001:db8:f::", r_mac),
+            r_mac,
+            None,
+            r_ll,
+            ALL_NODES,
+            255,
+        )
+        .unwrap();
+        sock.send_frame(&f).await.unwrap();
+    })
+    .unwrap();
+    ack_rx.recv_timeout(T).unwrap();
+    l.h.link_del("eth0").unwrap();
+    let _ = step_tx.send("deleted");
+    let msg = receiver.join().unwrap().unwrap();
+    assert!(msg.contains(&format!("ifindex {h_idx}")), "{msg}");
+}
