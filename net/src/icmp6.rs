@@ -493,9 +493,7 @@ impl PacketSocket {
                 Ok(n) => return Ok(n),
                 // A pending ENETDOWN from an earlier down/up is reported (and
                 // cleared) by the first send after it: try once more.
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENETDOWN) && !retried => {
-                    retried = true;
-                }
+                Err(e) if !retried && is_async_socket_error(&e) => retried = true,
                 Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
                     return Err(Icmp6Error::InterfaceGone { ifindex })
                 }
@@ -738,20 +736,45 @@ impl NdpSender {
             ipi6_ifindex: ifindex,
         });
         let iov = [IoSlice::new(icmp)];
-        self.fd
-            .async_io(Interest::WRITABLE, |s| {
-                let cmsgs: Vec<ControlMessage<'_>> =
-                    info.iter().map(ControlMessage::Ipv6PacketInfo).collect();
-                sendmsg(s.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), Some(&to))
-                    .map_err(io::Error::from)
-            })
-            .await
-            .map_err(|source| Icmp6Error::Send {
-                dst: dst.to_string(),
-                ifindex,
-                source,
-            })
+        let mut retried = false;
+        loop {
+            let r = self
+                .fd
+                .async_io(Interest::WRITABLE, |s| {
+                    let cmsgs: Vec<ControlMessage<'_>> =
+                        info.iter().map(ControlMessage::Ipv6PacketInfo).collect();
+                    sendmsg(s.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), Some(&to))
+                        .map_err(io::Error::from)
+                })
+                .await;
+            match r {
+                Ok(n) => return Ok(n),
+                // An ICMPv6 error about an earlier message (or an earlier
+                // down/up) is left pending on a raw socket and fails the next
+                // send once, whatever it is: retry that once.
+                Err(e) if !retried && is_async_socket_error(&e) => retried = true,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
+                    return Err(Icmp6Error::InterfaceGone { ifindex })
+                }
+                Err(source) => {
+                    return Err(Icmp6Error::Send {
+                        dst: dst.to_string(),
+                        ifindex,
+                        source,
+                    })
+                }
+            }
+        }
     }
+}
+
+/// Errors a socket can hold from an earlier event (ICMP errors, link down).
+fn is_async_socket_error(e: &io::Error) -> bool {
+    use nix::libc::{ECONNREFUSED, EHOSTUNREACH, ENETDOWN, ENETUNREACH, EPROTO};
+    matches!(
+        e.raw_os_error(),
+        Some(ECONNREFUSED | EHOSTUNREACH | ENETDOWN | ENETUNREACH | EPROTO)
+    )
 }
 
 /// The one place that needs `unsafe`: binding an `AF_PACKET` socket takes a
