@@ -254,3 +254,20 @@ fn session_update_latency_report() {
         "{m}"
     );
 }
+
+/// The handles the daemons move into tasks must be `Send` (and the shared
+/// ones `Sync`).
+#[test]
+fn handles_are_send() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<NftSession>();
+    send::<mat6_net::icmp6::NdpReceiver>();
+    send_sync::<mat6_net::icmp6::NdpSender>();
+    send_sync::<mat6_net::icmp6::PacketSocket>();
+    send_sync::<mat6_net::netlink::Netlink>();
+    send::<mat6_net::netlink::NetEvents>();
+    send_sync::<NftError>();
+    send_sync::<mat6_net::icmp6::Icmp6Error>();
+    send_sync::<mat6_net::netlink::NetlinkError>();
+}

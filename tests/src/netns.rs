@@ -828,6 +828,15 @@ mod tests {
     }
 
     #[test]
+    fn handles_can_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<Netns>();
+        send::<ChildGuard>();
+        send_sync::<NetnsError>();
+    }
+
+    #[test]
     fn base36_digits() {
         assert_eq!(base36(0), "0");
         assert_eq!(base36(35), "z");
