@@ -446,3 +446,87 @@ fn receiver_survives_admin_down_up_and_reports_a_removed_interface() {
     let msg = receiver.join().unwrap().unwrap();
     assert!(msg.contains(&format!("ifindex {h_idx}")), "{msg}");
 }
+
+/// host-prep's use: a bridge with no uplink impersonates a gateway. The
+/// receiver on the bridge sees a port's RS; the sender on the bridge answers
+/// from the gateway's link-local address with the bridge's MAC.
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn receiver_and_sender_work_on_a_bridge() {
+    let sw = Netns::new("m6n-bsw").unwrap();
+    let h = Netns::new("m6n-bh").unwrap();
+    sw.bridge("br0").unwrap();
+    veth_pair(&sw, "port0", &h, "eth0").unwrap();
+    sw.bridge_attach("port0", "br0").unwrap();
+    h.sysctl("net.ipv6.conf.eth0.accept_ra", "0").unwrap();
+    h.link_up("eth0").unwrap();
+    let gw_mac = [0x02, 0x00, 0x5e, 0x00, 0x53, 0x01];
+    sw.set_mac("br0", "02:00:5e:00:53:01").unwrap();
+    sw.addr_add("br0", "fe80::1/64", true).unwrap();
+    let h_ll: Ipv6Addr = h.wait_link_local("eth0", T).unwrap().parse().unwrap();
+    let h_mac = h.mac_bytes("eth0").unwrap();
+    let br_idx = sw.ifindex("br0").unwrap();
+    let h_idx = h.ifindex("eth0").unwrap();
+    let gw: Ipv6Addr = "fe80::1".parse().unwrap();
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let router = sw.spawn_tokio(move || async move {
+        let mut rx = NdpReceiver::bind(br_idx).unwrap();
+        let tx = NdpSender::bind(br_idx).unwrap();
+        ready_tx.send(()).unwrap();
+        let rs = tokio::time::timeout(T, async {
+            loop {
+                let p = rx.recv().await.unwrap();
+                if matches!(p.repr, NdpRepr::RouterSolicit { .. }) {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("bridge did not see the RS");
+        // Answer to the soliciting host directly.
+        tx.send(&ra("2001:db8:b::", gw_mac), Some(gw), rs.src)
+            .await
+            .unwrap();
+        rs
+    });
+    ready_rx.recv_timeout(T).unwrap();
+    let got = h
+        .run_tokio(|| async move {
+            let mut rx = NdpReceiver::bind(h_idx).unwrap();
+            let tx = NdpSender::bind(h_idx).unwrap();
+            tx.send(
+                &NdpRepr::RouterSolicit {
+                    source_ll: Some(h_mac),
+                },
+                None,
+                ALL_ROUTERS,
+            )
+            .await
+            .unwrap();
+            tokio::time::timeout(T, async {
+                loop {
+                    let p = rx.recv().await.unwrap();
+                    if matches!(p.repr, NdpRepr::RouterAdvert(_)) {
+                        return p;
+                    }
+                }
+            })
+            .await
+            .expect("no RA from the bridge")
+        })
+        .unwrap();
+    let rs = router.join().unwrap().unwrap();
+    assert_eq!(rs.src, h_ll);
+    assert_eq!(rs.src_mac, h_mac);
+    assert_eq!(got.src, gw);
+    assert_eq!(got.dst, h_ll);
+    assert_eq!(
+        got.src_mac, gw_mac,
+        "the RA leaves with the bridge's (gateway's) MAC"
+    );
+    assert_eq!(
+        first_prefix(&got.repr),
+        Some("2001:db8:b::".parse().unwrap())
+    );
+}
