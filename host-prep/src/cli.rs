@@ -141,8 +141,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Prepare { vm, to, json } => {
             let vmc = host.vm(&vm)?;
+            let t0 = std::time::Instant::now();
             let reg = ImsRegistry::connect(host.cfg.ims.as_ref(), host.cfg.timeouts.ims()).await?;
+            tracing::debug!(elapsed = ?t0.elapsed(), "IMS connected");
             let qmp = Qmp::connect(&host.qmp_path(&vm, vmc)?).await?;
+            tracing::debug!(elapsed = ?t0.elapsed(), "QMP connected");
             let prepared = tokio::select! {
                 p = prepare::prepare(&host, &reg, &qmp, &vm, &to) => p?,
                 _ = shutdown_signal() => return Err(Error::Interrupted),

@@ -63,13 +63,23 @@ impl Drop for RaTask {
     }
 }
 
-async fn flush(tx: &NdpSender, core: &mut RaSender, site: &SiteInfo) -> Result<(), Icmp6Error> {
+/// Sends what the core queued. A failed send is logged and skipped, not
+/// fatal: until the bridge has carrier (the VM's tap not yet up) the gateway
+/// address is still tentative and the kernel refuses it as a source; the
+/// next RA or the answer to the guest's RS goes out once it is usable.
+async fn flush(tx: &NdpSender, core: &mut RaSender, site: &SiteInfo, failures: &mut u64) {
     while let Some(t) = core.poll_transmit() {
         let repr = NdpRepr::RouterAdvert(ra::router_advert(site, t.reason));
-        tx.send(&repr, Some(site.gateway_ll), t.dst).await?;
-        tracing::trace!(dst = %t.dst, reason = ?t.reason, "RA sent");
+        match tx.send(&repr, Some(site.gateway_ll), t.dst).await {
+            Ok(_) => tracing::trace!(dst = %t.dst, reason = ?t.reason, "RA sent"),
+            Err(e) => {
+                *failures += 1;
+                if *failures == 1 || failures.is_power_of_two() {
+                    tracing::debug!(error = %e, failures = *failures, "RA not sent");
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 async fn run(
@@ -80,12 +90,13 @@ async fn run(
     mut stop: oneshot::Receiver<()>,
 ) -> Result<RaStats, Icmp6Error> {
     let mut core = RaSender::new(timing, Instant::now());
+    let mut failures = 0u64;
     loop {
         let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             _ = &mut stop => {
                 core.stop();
-                flush(&tx, &mut core, &site).await?;
+                flush(&tx, &mut core, &site, &mut failures).await;
                 return Ok(core.stats());
             }
             _ = async {
@@ -105,6 +116,6 @@ async fn run(
                 }
             }
         }
-        flush(&tx, &mut core, &site).await?;
+        flush(&tx, &mut core, &site, &mut failures).await;
     }
 }
