@@ -386,3 +386,50 @@ fn neighbour_events_report_an_unreachable_neighbour() {
     assert!(!h.ping6("2001:db8:14::99", 1));
     worker.join().unwrap().unwrap();
 }
+
+/// Measures the cost of the handover's one route change (netlink
+/// `route_replace` of the default route between two gateways) and prints it;
+/// no timed assertion.
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn route_replace_latency_report() {
+    let (h, p) = pair();
+    p.addr_add("peer0", "2001:db8:15::1/64", true).unwrap();
+    p.addr_add("peer0", "2001:db8:15::2/64", true).unwrap();
+    let mut t = h
+        .run_tokio(|| async {
+            let (nl, _c) = Netlink::connect().unwrap();
+            let idx = nl.ifindex("eth0").await.unwrap();
+            nl.addr_add(
+                idx,
+                &AddrSpec::new("2001:db8:15::10".parse().unwrap(), 64).nodad(),
+            )
+            .await
+            .unwrap();
+            let gws: [Ipv6Addr; 2] = [
+                "2001:db8:15::1".parse().unwrap(),
+                "2001:db8:15::2".parse().unwrap(),
+            ];
+            let mut t = Vec::new();
+            for i in 0..400 {
+                let r = Route6::default_via(gws[i % 2], idx).metric(100);
+                let s = std::time::Instant::now();
+                nl.route_replace(&r).await.unwrap();
+                t.push(s.elapsed());
+            }
+            let now = nl.routes(Some(254)).await.unwrap();
+            assert!(now.iter().any(|r| r.dst.prefix() == 0
+                && r.gateway == Some(gws[1])
+                && r.metric == Some(100)));
+            t
+        })
+        .unwrap();
+    t.sort();
+    let q = |x: f64| t[((t.len() - 1) as f64 * x) as usize].as_secs_f64() * 1e3;
+    println!(
+        "netlink default-route replace: p50 {:.3} ms p99 {:.3} ms ({} changes)",
+        q(0.5),
+        q(0.99),
+        t.len()
+    );
+}
