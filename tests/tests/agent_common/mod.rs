@@ -65,7 +65,7 @@ pub fn bin(name: &str) -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap();
     let mut dir = exe.parent().unwrap().to_path_buf();
-    if dir.ends_with("deps") {
+    if dir.ends_with("deps") || dir.ends_with("examples") {
         dir.pop();
     }
     let p = dir.join(name);
