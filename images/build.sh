@@ -93,7 +93,7 @@ else
     STAGE="$OUT/stage"
     rm -rf "$STAGE"
     mkdir -p "$STAGE"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,etc/mat6,proc,sys,dev,run,tmp,var/log,root}
-    ln -s lib "$STAGE/usr/lib" 2>/dev/null || true
+    ln -s ../lib "$STAGE/usr/lib"
 
     cp /bin/busybox "$STAGE/bin/busybox"
     for app in $(/bin/busybox --list); do
@@ -107,7 +107,7 @@ else
     copy_with_libs() {
         local src="$1" dst="$2"
         cp -L "$src" "$STAGE/$dst"
-        ldd "$src" | awk '/=>/ {print $3} /^\s*\/lib64/ {print $1}' | while read -r lib; do
+        ldd "$src" | awk '/=>/ {print $3} $1 ~ /^\/lib64\// {print $1}' | while read -r lib; do
             [ -f "$lib" ] || continue
             mkdir -p "$STAGE$(dirname "$lib")"
             cp -Ln "$lib" "$STAGE$lib" 2>/dev/null || true

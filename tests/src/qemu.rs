@@ -860,6 +860,17 @@ impl Qemu {
     /// Waits until the guest's control shell answers (the image has booted
     /// and run its `/init`).
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        self.wait_control(timeout, true)
+    }
+
+    /// Waits until the control shell answers, without looking at the
+    /// console (use on a migration's destination: its console log starts
+    /// empty).
+    pub fn wait_control_after_migration(&mut self, timeout: Duration) -> Result<Duration> {
+        self.wait_control(timeout, false)
+    }
+
+    fn wait_control(&mut self, timeout: Duration, need_console: bool) -> Result<Duration> {
         let start = Instant::now();
         loop {
             self.check_alive()?;
@@ -871,7 +882,7 @@ impl Qemu {
                     timeout,
                 });
             }
-            if self.console_tail(200).contains("MAT6-READY") {
+            if !need_console || self.console_tail(200).contains("MAT6-READY") {
                 // Bytes sent before the guest's shell opened hvc0 are lost:
                 // retry on the same connection (unique markers) until one
                 // answers, then forget whatever came before.

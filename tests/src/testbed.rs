@@ -747,7 +747,8 @@ fn measure(
     let (stats, tall, host_prep) = migrate(tb, vm)?;
     let resumed_at = now_unix_ms();
     // Guest side: replies must keep coming after the resume.
-    vm.qemu.wait_ready(Duration::from_secs(30))?;
+    vm.qemu
+        .wait_control_after_migration(Duration::from_secs(30))?;
     let g1 = parse_gapstat(&vm.qemu.sh_ok("gapstat /tmp/ping.log", short)?)?;
     thread::sleep(Duration::from_secs(2));
     let g2 = parse_gapstat(&vm.qemu.sh_ok("gapstat /tmp/ping.log", short)?)?;

@@ -115,4 +115,22 @@ fn e2e_qemu_harness_boots_and_runs_commands() {
         .sh_ok("ls /sys/class/net", Duration::from_secs(10))
         .unwrap();
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+    // The image's tools run (dynamic libraries present): iputils ping with
+    // timestamps, nft, the probe.
+    let out = vm
+        .sh(
+            "ping -6 -n -D -c 2 -i 0.01 ::1 2>&1",
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .1;
+    println!("guest ping: {out}");
+    assert_eq!(out.matches("bytes from ::1").count(), 2, "{out}");
+    let out = vm
+        .sh_ok(
+            "nft list ruleset && mat6-probe --help",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(out.contains("udp-probe"), "{out}");
 }

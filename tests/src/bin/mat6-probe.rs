@@ -166,9 +166,8 @@ fn bind_addr(to: SocketAddr, bind: Option<IpAddr>) -> SocketAddr {
 }
 
 fn udp_probe(a: &Args) -> Result<(), ProbeError> {
-    let to = a
-        .to
-        .ok_or_else(|| ProbeError::Usage("udp-probe needs --to".into()))?;
+    let to =
+        a.to.ok_or_else(|| ProbeError::Usage("udp-probe needs --to".into()))?;
     let sock = UdpSocket::bind(bind_addr(to, a.bind)).map_err(|e| ProbeError::Io("bind", e))?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))
         .map_err(|e| ProbeError::Io("timeout", e))?;
@@ -244,9 +243,8 @@ fn pattern(i: u64) -> u8 {
 }
 
 fn tcp_probe(a: &Args) -> Result<(), ProbeError> {
-    let to = a
-        .to
-        .ok_or_else(|| ProbeError::Usage("tcp-probe needs --to".into()))?;
+    let to =
+        a.to.ok_or_else(|| ProbeError::Usage("tcp-probe needs --to".into()))?;
     let stop = stop_signal(a.duration_s);
     let t0 = unix_ms();
     let stream = match a.bind {
@@ -424,6 +422,9 @@ mod tests {
         let v = vec!["--nope".to_string(), "1".to_string()];
         assert!(parse_args(&v).is_err());
         let v = vec!["--to".to_string(), "[2001:db8::1]:7".to_string()];
-        assert_eq!(parse_args(&v).ok().and_then(|a| a.to).map(|s| s.port()), Some(7));
+        assert_eq!(
+            parse_args(&v).ok().and_then(|a| a.to).map(|s| s.port()),
+            Some(7)
+        );
     }
 }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Live-migration downtime (T_DW, T_ALL) vs guest memory: lan / prep / noprep.
+# Usage: ./bench.sh migration [--quick] [--mem 128,256] [--runs N] [--modes lan,prep,noprep]
+# Writes bench-results/migration.json and bench-results/migration.svg; prints
+# a table laid out like seed paper 004's Table 2. Needs root (netns, QEMU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+[ "$(id -u)" = 0 ] || { echo "migration bench: needs root" >&2; exit 1; }
+cargo build --release -p mat6-tests --bin migration-bench --bin mat6-probe >&2
+cargo build --release -p guest-agent -p host-prep -p ims-server >&2 || \
+    echo "migration bench: agent/host-prep/ims-server did not build; cross-subnet modes will fail" >&2
+images/build.sh >/dev/null
+mkdir -p bench-results
+exec target/release/migration-bench --out bench-results/migration.json --chart bench-results/migration.svg "$@"
