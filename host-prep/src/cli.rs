@@ -12,7 +12,7 @@ use crate::host::Host;
 use crate::ims::ImsRegistry;
 use crate::migrate::{self, MigrateOpts};
 use crate::prepare;
-use crate::qmp::Qmp;
+use crate::qmp::{LinkControl, Qmp};
 use crate::receive::{self, Attach, ReceiveOpts};
 use crate::report::Mode;
 use crate::state;
@@ -53,6 +53,9 @@ pub enum Command {
         /// Destination site (in the IMS site registry).
         #[arg(long)]
         to: String,
+        /// NIC active now (default: the state file, else the first NIC).
+        #[arg(long)]
+        active: Option<String>,
         /// Print readiness as one JSON line.
         #[arg(long)]
         json: bool,
@@ -93,6 +96,9 @@ pub enum Command {
         /// Migration URI (default: the destination site's `migrate_uri`).
         #[arg(long)]
         uri: Option<String>,
+        /// NIC active now (default: the state file, else the first NIC).
+        #[arg(long)]
+        active: Option<String>,
         /// Print the phase table as JSON.
         #[arg(long)]
         json: bool,
@@ -139,15 +145,30 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let cfg = Config::load(&cli.config)?;
     let host = Host::new(cfg, cli.site)?;
     match cli.command {
-        Command::Prepare { vm, to, json } => {
+        Command::Prepare {
+            vm,
+            to,
+            active,
+            json,
+        } => {
             let vmc = host.vm(&vm)?;
             let t0 = std::time::Instant::now();
             let reg = ImsRegistry::connect(host.cfg.ims.as_ref(), host.cfg.timeouts.ims()).await?;
             tracing::debug!(elapsed = ?t0.elapsed(), "IMS connected");
-            let qmp = Qmp::connect(&host.qmp_path(&vm, vmc)?).await?;
-            tracing::debug!(elapsed = ?t0.elapsed(), "QMP connected");
+            let qmp = match vmc.link_command.as_slice() {
+                [] => Some(Qmp::connect(&host.qmp_path(&vm, vmc)?).await?),
+                _ => None,
+            };
+            let link = match &qmp {
+                Some(q) => LinkControl::Qmp(q),
+                None => LinkControl::Command {
+                    vm: &vm,
+                    argv: &vmc.link_command,
+                },
+            };
+            tracing::debug!(elapsed = ?t0.elapsed(), "link control ready");
             let prepared = tokio::select! {
-                p = prepare::prepare(&host, &reg, &qmp, &vm, &to) => p?,
+                p = prepare::prepare(&host, &reg, &link, &vm, &to, active.as_deref()) => p?,
                 _ = shutdown_signal() => return Err(Error::Interrupted),
             };
             if json {
@@ -217,6 +238,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             to,
             no_prep,
             uri,
+            active,
             json,
             dry_run,
         } => {
@@ -225,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 to,
                 mode: if no_prep { Mode::Noprep } else { Mode::Prep },
                 uri,
+                active,
                 progress: !json && std::io::stderr().is_terminal(),
             };
             if dry_run {

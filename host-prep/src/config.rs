@@ -271,6 +271,12 @@ pub struct VmConfig {
     /// File the destination QEMU's stdout/stderr go to (default: inherit).
     #[serde(default)]
     pub qemu_log: Option<PathBuf>,
+    /// Command (argv template) that sets a NIC's link state instead of QMP
+    /// `set_link`, for hypervisor managers that own the QMP socket (libvirt:
+    /// `["virsh", "domif-setlink", "{vm}", "{nic}", "{state}"]`).
+    /// Placeholders: `{vm}`, `{nic}` (the NIC id), `{state}` (`up`/`down`).
+    #[serde(default)]
+    pub link_command: Vec<String>,
 }
 
 fn default_incoming() -> String {

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::host::Host;
 use crate::ims::Registry;
 use crate::prepare::{self, Prepared};
-use crate::qmp::{MigrateInfo, Qmp, QmpEvent};
+use crate::qmp::{LinkControl, MigrateInfo, Qmp, QmpEvent};
 use crate::receive::{Attach, ReceiveEvent};
 use crate::report::{ms, MigrationReport, Mode};
 use crate::state::{self, VmState};
@@ -33,6 +33,8 @@ pub struct MigrateOpts {
     pub uri: Option<String>,
     /// Show an indicatif progress bar.
     pub progress: bool,
+    /// The NIC active now (default: the state file, else the first NIC).
+    pub active: Option<String>,
 }
 
 /// Everything `migrate` resolved from the config, before doing anything.
@@ -63,7 +65,7 @@ pub struct Plan {
 /// Resolve the plan (config and state only; no side effect).
 pub fn plan(host: &Host, opts: &MigrateOpts) -> Result<Plan, Error> {
     let vm = host.vm(&opts.vm)?;
-    let roles = host.roles(&opts.vm, vm, None)?;
+    let roles = host.roles(&opts.vm, vm, opts.active.as_deref())?;
     if opts.to == host.site {
         return Err(Error::SameSite {
             vm: opts.vm.clone(),
@@ -313,12 +315,17 @@ pub async fn migrate<R: Registry>(
     let t0 = Instant::now();
     let plan = plan(host, opts)?;
     let vm = host.vm(&opts.vm)?;
-    let roles = host.roles(&opts.vm, vm, None)?;
+    let roles = host.roles(&opts.vm, vm, opts.active.as_deref())?;
     let qmp = Qmp::connect(&plan.qmp).await?;
 
     let prepared = match (opts.mode, reg) {
         (Mode::Prep, Some(reg)) => {
-            let p = prepare::prepare(host, reg, &qmp, &opts.vm, &opts.to).await?;
+            let link = match vm.link_command.as_slice() {
+                [] => LinkControl::Qmp(&qmp),
+                argv => LinkControl::Command { vm: &opts.vm, argv },
+            };
+            let p = prepare::prepare(host, reg, &link, &opts.vm, &opts.to, opts.active.as_deref())
+                .await?;
             tracing::info!("{}", p.readiness);
             Some(p)
         }

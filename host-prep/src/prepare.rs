@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::host::Host;
 use crate::ims::Registry;
-use crate::qmp::Qmp;
+use crate::qmp::LinkControl;
 use crate::ra::{self, RaTiming};
 use crate::ra_io::RaTask;
 use crate::report::ms;
@@ -150,13 +150,14 @@ impl Prepared {
 pub async fn prepare<R: Registry>(
     host: &Host,
     reg: &R,
-    qmp: &Qmp,
+    link: &LinkControl<'_>,
     vm_name: &str,
     to: &str,
+    active: Option<&str>,
 ) -> Result<Prepared, Error> {
     let t0 = Instant::now();
     let vm = host.vm(vm_name)?;
-    let roles = host.roles(vm_name, vm, None)?;
+    let roles = host.roles(vm_name, vm, active)?;
     if to == host.site {
         return Err(Error::SameSite {
             vm: vm_name.to_string(),
@@ -214,7 +215,7 @@ pub async fn prepare<R: Registry>(
         undo.ra = Some(RaTask::start(ifindex, site.clone(), timing)?);
         step("RA sender", &mut t);
 
-        qmp.set_link(&roles.standby.id, true)
+        link.set_link(&roles.standby.id, true)
             .await
             .map_err(|source| Error::NoSuchNic {
                 vm: vm_name.to_string(),

@@ -373,3 +373,120 @@ impl Qmp {
         std::iter::from_fn(|| self.events.try_recv().ok()).collect()
     }
 }
+
+/// How host-prep turns a NIC's link (carrier) on or off: QMP `set_link`, or
+/// a configured command (libvirt owns QMP: `virsh domif-setlink`).
+#[derive(Debug)]
+pub enum LinkControl<'a> {
+    /// Through this QMP connection.
+    Qmp(&'a Qmp),
+    /// Through a command template (`{vm}`, `{nic}`, `{state}`).
+    Command {
+        /// VM name.
+        vm: &'a str,
+        /// The argv template.
+        argv: &'a [String],
+    },
+}
+
+impl LinkControl<'_> {
+    /// Set `nic`'s link up or down.
+    pub async fn set_link(&self, nic: &str, up: bool) -> Result<(), QmpError> {
+        match self {
+            LinkControl::Qmp(q) => q.set_link(nic, up).await,
+            LinkControl::Command { vm, argv } => {
+                let mut vars = std::collections::BTreeMap::new();
+                vars.insert("vm".to_string(), vm.to_string());
+                vars.insert("nic".to_string(), nic.to_string());
+                vars.insert(
+                    "state".to_string(),
+                    if up { "up" } else { "down" }.to_string(),
+                );
+                let fail = |message: String| QmpError::Command {
+                    command: "set_link (link_command)",
+                    message,
+                };
+                let argv = crate::template::expand(argv, &vars).map_err(|e| fail(e.to_string()))?;
+                let (prog, args) = argv
+                    .split_first()
+                    .ok_or_else(|| fail("empty command".into()))?;
+                let out = tokio::process::Command::new(prog)
+                    .args(args)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .map_err(|e| fail(format!("{prog}: {e}")))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(fail(format!(
+                        "{} exited with {}: {}",
+                        argv.join(" "),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[tokio::test]
+    async fn link_command_expands_and_reports_failure() {
+        let dir = std::env::temp_dir().join(format!("m6h-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let argv: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo \"$0 $1 $2\" > {}", out.display()),
+            "{vm}".into(),
+            "{nic}".into(),
+            "{state}".into(),
+        ];
+        let lc = LinkControl::Command {
+            vm: "web1",
+            argv: &argv,
+        };
+        lc.set_link("52:54:00:00:00:02", false).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            "web1 52:54:00:00:00:02 down"
+        );
+        let bad: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            "echo no such interface >&2; exit 1".into(),
+        ];
+        let err = LinkControl::Command {
+            vm: "web1",
+            argv: &bad,
+        }
+        .set_link("x", true)
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no such interface"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn migrate_info_tolerates_qemu_7_2_and_newer_fields() {
+        // query-migrate as QEMU 7.2 answers it (no downtime-bytes etc.) plus
+        // a field only newer releases send.
+        let j = r#"{"expected-downtime": 300, "status": "completed", "setup-time": 2,
+            "total-time": 672, "downtime": 69, "future-field": 1,
+            "ram": {"total": 135012352, "remaining": 0, "transferred": 102462915,
+                    "dirty-sync-count": 3, "mbps": 1200.5, "page-size": 4096}}"#;
+        let m: MigrateInfo = serde_json::from_str(j).unwrap();
+        assert_eq!(m.status.as_deref(), Some("completed"));
+        assert_eq!(m.downtime, Some(69));
+        let ram = m.ram.unwrap();
+        assert_eq!((ram.transferred, ram.dirty_sync_count), (102_462_915, 3));
+    }
+}

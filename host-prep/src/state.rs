@@ -145,6 +145,7 @@ mod tests {
             incoming: "tcp:[::]:1".into(),
             qemu_command: vec![],
             qemu_log: None,
+            link_command: vec![],
         }
     }
 
