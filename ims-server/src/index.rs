@@ -6,6 +6,7 @@
 //! 220 MB worst case instead of ~400 MB for a map of full entries).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher as _, RandomState};
 use std::net::Ipv6Addr;
 
 use mat6_proto::assertion::BindingAssertion;
@@ -27,8 +28,11 @@ pub struct Entry {
     seq: u64,
     expires_unix: u64,
     revision: u64,
+    n_standby: u8,
     active: Ipv6Addr,
-    standby: Box<[Ipv6Addr]>,
+    /// First standby MoA inline (the common case), the rest on the heap.
+    standby0: Ipv6Addr,
+    standby_rest: Option<Box<[Ipv6Addr]>>,
     signature: [u8; 64],
 }
 
@@ -44,8 +48,10 @@ impl Entry {
             seq: 0,
             expires_unix: 0,
             revision: 0,
+            n_standby: 0,
             active: Ipv6Addr::UNSPECIFIED,
-            standby: Box::new([]),
+            standby0: Ipv6Addr::UNSPECIFIED,
+            standby_rest: None,
             signature: [0; 64],
         };
         if let Some(b) = &r.binding {
@@ -53,7 +59,10 @@ impl Entry {
             e.activate = b.activate;
             e.has_active = b.binding.active.is_some();
             e.active = b.binding.active.unwrap_or(Ipv6Addr::UNSPECIFIED);
-            e.standby = b.binding.standby.clone().into_boxed_slice();
+            let sb = &b.binding.standby;
+            e.n_standby = sb.len().min(mat6_proto::binding::MAX_STANDBY) as u8;
+            e.standby0 = sb.first().copied().unwrap_or(Ipv6Addr::UNSPECIFIED);
+            e.standby_rest = (sb.len() > 1).then(|| sb[1..usize::from(e.n_standby)].into());
             e.seq = b.binding.seq;
             e.expires_unix = b.binding.expires_unix;
             e.revision = b.revision;
@@ -83,12 +92,23 @@ impl Entry {
         self.revision
     }
 
+    fn standby(&self) -> Vec<Ipv6Addr> {
+        let mut v = Vec::with_capacity(usize::from(self.n_standby));
+        if self.n_standby > 0 {
+            v.push(self.standby0);
+        }
+        if let Some(rest) = &self.standby_rest {
+            v.extend_from_slice(rest);
+        }
+        v
+    }
+
     /// The binding, if one was ever accepted.
     pub fn binding(&self) -> Option<Binding> {
         self.has_binding.then(|| Binding {
             hoa: self.hoa,
             active: self.has_active.then_some(self.active),
-            standby: self.standby.to_vec(),
+            standby: self.standby(),
             seq: self.seq,
             expires_unix: self.expires_unix,
             key_id: self.key_id,
@@ -158,7 +178,9 @@ pub fn changed_event(b: &StoredBinding) -> WatchEvent {
 #[derive(Debug, Default)]
 pub struct Index {
     slots: Vec<Entry>,
-    map: HashMap<Ipv6Addr, u32>,
+    /// Slot numbers, hashed by the slot's HoA (4 bytes per bucket).
+    table: hashbrown::HashTable<u32>,
+    hasher: RandomState,
     tombstones: HashMap<Ipv6Addr, u64>,
     sites: BTreeMap<String, SiteInfo>,
     /// Highest committed revision.
@@ -168,21 +190,34 @@ pub struct Index {
 }
 
 impl Index {
+    /// An empty index with the given counters.
+    pub fn new(revision: u64, next_key_id: u32) -> Self {
+        Index {
+            revision,
+            next_key_id: next_key_id.max(1),
+            ..Index::default()
+        }
+    }
+
     /// Builds the index from a store's content.
     pub fn from_loaded(l: Loaded) -> Self {
-        let mut ix = Index {
-            revision: l.revision,
-            next_key_id: l.next_key_id.max(1),
-            ..Index::default()
-        };
-        ix.slots.reserve_exact(l.hoas.len());
-        ix.map.reserve(l.hoas.len());
+        let mut ix = Index::new(l.revision, l.next_key_id);
         for r in &l.hoas {
             ix.put(r);
         }
-        ix.tombstones = l.tombstones.into_iter().collect();
-        ix.sites = l.sites.into_iter().map(|s| (s.name.clone(), s)).collect();
+        ix.finish_load(l.tombstones, l.sites);
         ix
+    }
+
+    /// Adds what a store load returns besides the HoAs.
+    pub fn finish_load(&mut self, tombstones: Vec<(Ipv6Addr, u64)>, sites: Vec<SiteInfo>) {
+        self.tombstones = tombstones.into_iter().collect();
+        self.sites = sites.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.slots.shrink_to_fit();
+        self.table.shrink_to_fit(|&i| {
+            self.hasher
+                .hash_one(self.slots.get(i as usize).map(|e| e.hoa))
+        });
     }
 
     /// Number of HoAs.
@@ -195,40 +230,63 @@ impl Index {
         self.slots.is_empty()
     }
 
+    fn hash(&self, hoa: &Ipv6Addr) -> u64 {
+        self.hasher.hash_one(Some(*hoa))
+    }
+
     /// The entry of `hoa`.
     pub fn get(&self, hoa: &Ipv6Addr) -> Option<&Entry> {
-        self.map.get(hoa).and_then(|&i| self.slots.get(i as usize))
+        let slots = &self.slots;
+        self.table
+            .find(self.hash(hoa), |&i| {
+                slots.get(i as usize).is_some_and(|e| e.hoa == *hoa)
+            })
+            .and_then(|&i| slots.get(i as usize))
     }
 
     /// Inserts or replaces.
     pub fn put(&mut self, r: &HoaRecord) {
         let e = Entry::from_record(r);
-        match self.map.get(&r.hoa) {
-            Some(&i) => {
-                if let Some(slot) = self.slots.get_mut(i as usize) {
-                    *slot = e;
-                }
+        let h = self.hash(&r.hoa);
+        let slots = &mut self.slots;
+        if let Some(&i) = self.table.find(h, |&i| {
+            slots.get(i as usize).is_some_and(|e| e.hoa == r.hoa)
+        }) {
+            if let Some(slot) = slots.get_mut(i as usize) {
+                *slot = e;
             }
-            None => {
-                self.map.insert(r.hoa, self.slots.len() as u32);
-                self.slots.push(e);
-            }
+            return;
         }
+        let idx = slots.len() as u32;
+        slots.push(e);
+        let hasher = &self.hasher;
+        self.table.insert_unique(h, idx, |&i| {
+            hasher.hash_one(slots.get(i as usize).map(|e| e.hoa))
+        });
     }
 
     /// Removes `hoa` and records a tombstone.
     pub fn remove(&mut self, hoa: &Ipv6Addr, revision: u64) {
         self.tombstones.insert(*hoa, revision);
-        let Some(i) = self.map.remove(hoa) else {
+        let h = self.hash(hoa);
+        let slots = &self.slots;
+        let Ok(entry) = self
+            .table
+            .find_entry(h, |&i| slots.get(i as usize).is_some_and(|e| e.hoa == *hoa))
+        else {
             return;
         };
+        let (i, _) = entry.remove();
         let i = i as usize;
-        if i >= self.slots.len() {
-            return;
-        }
+        let last = self.slots.len() - 1;
         self.slots.swap_remove(i);
-        if let Some(moved) = self.slots.get(i) {
-            self.map.insert(moved.hoa, i as u32);
+        if i != last {
+            // The former last slot moved to `i`: repoint its table entry.
+            let moved = self.slots[i].hoa;
+            let hm = self.hash(&moved);
+            if let Some(p) = self.table.find_mut(hm, |&j| j as usize == last) {
+                *p = i as u32;
+            }
         }
     }
 

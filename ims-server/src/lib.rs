@@ -135,7 +135,11 @@ pub async fn start(cfg: &ServeConfig) -> Result<Running, ServeError> {
     let signing = secrets::read_signing_key(&cfg.signing_key_file)?;
     let tls = load_tls(cfg)?;
     let store = RedbStore::open(&cfg.store_path, cfg.store_cache_mb << 20)?;
-    let index = Index::from_loaded(store.load()?);
+    let mut index = Index::new(0, 1);
+    let loaded = store.load_with(&mut |r| index.put(&r))?;
+    index.revision = loaded.revision;
+    index.next_key_id = loaded.next_key_id.max(1);
+    index.finish_load(loaded.tombstones, loaded.sites);
     let hoas = index.len();
 
     let udp = std::net::UdpSocket::bind(cfg.udp_listen).map_err(|source| ServeError::Bind {

@@ -58,7 +58,8 @@ pub enum StoreOp {
 /// Everything a store holds, read at start-up.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// All HoA records.
+    /// All HoA records (empty when streamed to a callback by
+    /// [`BindingStore::load_with`]).
     pub hoas: Vec<HoaRecord>,
     /// Deleted HoAs and the revision of their deletion.
     pub tombstones: Vec<(Ipv6Addr, u64)>,
@@ -101,8 +102,17 @@ pub enum StoreError {
 
 /// A durable binding store. Implementations must be atomic per `commit`.
 pub trait BindingStore: Send {
-    /// Reads the whole state (start-up).
-    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Reads the whole state, handing each HoA record to `on_hoa` as it is
+    /// read (start-up with 1M bindings must not hold them all twice).
+    fn load_with(&self, on_hoa: &mut dyn FnMut(HoaRecord)) -> Result<Loaded, StoreError>;
+
+    /// Reads the whole state into memory.
+    fn load(&self) -> Result<Loaded, StoreError> {
+        let mut hoas = Vec::new();
+        let mut l = self.load_with(&mut |r| hoas.push(r))?;
+        l.hoas = hoas;
+        Ok(l)
+    }
     /// Applies `ops` and the new counters in one durable transaction.
     fn commit(
         &mut self,
@@ -160,7 +170,7 @@ impl RedbStore {
 }
 
 impl BindingStore for RedbStore {
-    fn load(&self) -> Result<Loaded, StoreError> {
+    fn load_with(&self, on_hoa: &mut dyn FnMut(HoaRecord)) -> Result<Loaded, StoreError> {
         let e = self.db_err();
         let corrupt = |what| StoreError::Corrupt {
             path: self.path.clone(),
@@ -172,7 +182,7 @@ impl BindingStore for RedbStore {
         for item in hoas.iter().map_err(|x| e(x.into()))? {
             let (k, v) = item.map_err(|x| e(x.into()))?;
             let rec = decode_hoa(k.value(), v.value()).ok_or_else(|| corrupt("hoas"))?;
-            out.hoas.push(rec);
+            on_hoa(rec);
         }
         let tomb = tx.open_table(TOMBSTONES).map_err(|x| e(x.into()))?;
         for item in tomb.iter().map_err(|x| e(x.into()))? {
