@@ -249,7 +249,8 @@ enum Outgoing {
 
 /// What a batch changes in the index, in order.
 enum Apply {
-    Put(Box<HoaRecord>),
+    /// A record; `true` when its binding changed (a watch event).
+    Put(Box<HoaRecord>, bool),
     Delete(Ipv6Addr, u64),
     PutSite(SiteInfo),
     RemoveSite(String),
@@ -296,7 +297,6 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
     let mut overlay: HashMap<Ipv6Addr, Option<HoaRecord>> = HashMap::new();
     let mut ops = Vec::with_capacity(batch.len());
     let mut applies = Vec::with_capacity(batch.len());
-    let mut events = Vec::new();
     let mut out = Vec::with_capacity(batch.len());
     let mut accepted = 0u64;
     {
@@ -349,12 +349,11 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
                         revision,
                         signature,
                     };
-                    events.push(changed_event(&sb));
                     rec.binding = Some(sb);
                     overlay.insert(repr.hoa, Some(rec.clone()));
                     let rec = Box::new(rec);
                     ops.push(StoreOp::PutHoa(rec.clone()));
-                    applies.push(Apply::Put(rec));
+                    applies.push(Apply::Put(rec, true));
                     accepted += 1;
                     let ack = AckRepr {
                         status: AckStatus::Accepted,
@@ -395,10 +394,6 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
                                 overlay.insert(hoa, None);
                                 ops.push(StoreOp::DeleteHoa { hoa, revision });
                                 applies.push(Apply::Delete(hoa, revision));
-                                events.push(WatchEvent {
-                                    revision,
-                                    change: WatchChange::Deleted { hoa },
-                                });
                                 Response::Ok
                             }
                         }
@@ -454,10 +449,28 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
         let Ok(mut ix) = shared.index.write() else {
             return;
         };
+        // Events are built and published under the write lock, so a watcher
+        // (which subscribes and snapshots under the read lock) sees each
+        // change exactly once. Their base64 assertions are only built when
+        // someone listens.
+        let listening = shared.events.receiver_count() > 0;
         for a in applies {
             match a {
-                Apply::Put(r) => ix.put(&r),
-                Apply::Delete(h, rev) => ix.remove(&h, rev),
+                Apply::Put(r, changed) => {
+                    ix.put(&r);
+                    if let (true, true, Some(b)) = (listening, changed, &r.binding) {
+                        let _ = shared.events.send(Arc::new(changed_event(b)));
+                    }
+                }
+                Apply::Delete(hoa, revision) => {
+                    ix.remove(&hoa, revision);
+                    if listening {
+                        let _ = shared.events.send(Arc::new(WatchEvent {
+                            revision,
+                            change: WatchChange::Deleted { hoa },
+                        }));
+                    }
+                }
                 Apply::PutSite(s) => ix.put_site(s),
                 Apply::RemoveSite(n) => {
                     ix.remove_site(&n);
@@ -467,9 +480,6 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
         ix.revision = revision;
         ix.next_key_id = next_key_id;
         m.hoas.set(ix.len() as i64);
-        for ev in events {
-            let _ = shared.events.send(Arc::new(ev));
-        }
     }
     m.updates_accepted.inc_by(accepted);
     for o in out {
@@ -511,7 +521,7 @@ fn admin_keys(
         overlay.insert(hoa, Some(rec.clone()));
         let rec = Box::new(rec);
         ops.push(StoreOp::PutHoa(rec.clone()));
-        applies.push(Apply::Put(rec));
+        applies.push(Apply::Put(rec, false));
         keys.push(ProvisionedKey {
             hoa,
             key_id,

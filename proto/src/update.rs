@@ -748,6 +748,48 @@ mod tests {
     }
 
     #[test]
+    fn lost_ack_then_stale_with_own_assertion_is_accepted() {
+        let t0 = Instant::now();
+        let k = key().hmac_key();
+        let sk = crate::assertion::SigningKey::from_pkcs8(
+            &crate::assertion::SigningKey::generate_pkcs8().unwrap(),
+        )
+        .unwrap();
+        let r = repr();
+        let own = sk.sign(&crate::binding::Binding {
+            hoa: r.hoa,
+            active: r.active,
+            standby: r.standby.clone(),
+            seq: r.seq,
+            expires_unix: 1,
+            key_id: r.key_id,
+        });
+        let mut stale = AckRepr {
+            status: AckStatus::StaleSeq,
+            key_id: 9,
+            seq: r.seq,
+            last_accepted_seq: r.seq,
+            hoa: r.hoa,
+            assertion: Some(own.encode()),
+        };
+        let mut c = UpdateClient::new(&key(), r.clone(), RetransmitPolicy::default(), t0).unwrap();
+        c.poll_transmit(t0).unwrap();
+        assert!(c.handle_datagram(&stale.to_vec(&k).unwrap(), t0));
+        assert!(matches!(c.outcome(), Some(UpdateOutcome::Accepted(_))));
+        // Someone else's newer binding: a real stale answer.
+        stale.last_accepted_seq = r.seq + 5;
+        let mut c = UpdateClient::new(&key(), r, RetransmitPolicy::default(), t0).unwrap();
+        c.poll_transmit(t0).unwrap();
+        assert!(c.handle_datagram(&stale.to_vec(&k).unwrap(), t0));
+        assert_eq!(
+            c.outcome(),
+            Some(&UpdateOutcome::Stale {
+                last_accepted: 1005
+            })
+        );
+    }
+
+    #[test]
     fn client_accepts_only_matching_authenticated_ack() {
         let t0 = Instant::now();
         let mut c = UpdateClient::new(&key(), repr(), RetransmitPolicy::default(), t0).unwrap();
