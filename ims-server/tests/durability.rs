@@ -29,6 +29,36 @@ async fn kill9_never_loses_an_acknowledged_update() {
         keys.push((hoa(i + 1), srv.provision(hoa(i + 1)).await));
     }
     let acked: Acked = Arc::default();
+    // A watcher that lives through every crash: it must end up with each
+    // HoA's latest binding (resume by revision, no gaps).
+    let seen: Arc<Mutex<(u64, HashMap<Ipv6Addr, u64>)>> = Arc::default();
+    let watcher = {
+        let seen = seen.clone();
+        let mut w = ims_client::Watch::start(
+            addrs.control,
+            srv.tls(),
+            ims_client::WatchFilter {
+                hoas: vec![],
+                prefixes: vec!["::/0".parse().unwrap()],
+            },
+            None,
+        );
+        tokio::spawn(async move {
+            while let Ok(item) = w.next().await {
+                let mut g = seen.lock().unwrap();
+                match item {
+                    ims_client::WatchItem::Event(ev) => {
+                        assert!(ev.revision > g.0, "watch revisions must grow");
+                        g.0 = ev.revision;
+                        if let ims_client::WatchChange::Changed { record } = ev.change {
+                            g.1.insert(record.binding.hoa, record.binding.seq);
+                        }
+                    }
+                    ims_client::WatchItem::Synced { revision } => g.0 = g.0.max(revision),
+                }
+            }
+        })
+    };
     let mut total_acks = 0usize;
     for cycle in 0..CYCLES {
         // Stream updates from one task per HoA until the kill.
@@ -91,5 +121,29 @@ async fn kill9_never_loses_an_acknowledged_update() {
         total_acks > CYCLES * 10,
         "too few acks ({total_acks}) to mean anything"
     );
+    let ctl = srv.control().await;
+    let (_, rev) = ctl.info().await.unwrap();
+    let t0 = std::time::Instant::now();
+    while seen.lock().unwrap().0 < rev {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "watch did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!watcher.is_finished(), "watcher task failed");
+    let latest = seen.lock().unwrap().1.clone();
+    let hoas: Vec<Ipv6Addr> = keys.iter().map(|(h, _)| *h).collect();
+    for (h, rec) in hoas
+        .iter()
+        .zip(ctl.lookup_many(hoas.clone()).await.unwrap())
+    {
+        assert_eq!(
+            latest.get(h).copied(),
+            rec.map(|r| r.binding.seq),
+            "watcher missed the latest binding of {h}"
+        );
+    }
+    watcher.abort();
     srv.stop();
 }
