@@ -74,9 +74,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "swap")]
         attach: Attach,
         /// Do not start QEMU: use the incoming QEMU another tool started (its
-        /// QMP socket from the config).
+        /// QMP socket from the config or --qmp).
         #[arg(long)]
         existing: bool,
+        /// QMP socket of the incoming QEMU (default: the VM's `qmp` setting).
+        #[arg(long)]
+        qmp: Option<PathBuf>,
         /// Print progress as JSON lines (what `migrate` reads).
         #[arg(long)]
         json: bool,
@@ -99,6 +102,9 @@ pub enum Command {
         /// NIC active now (default: the state file, else the first NIC).
         #[arg(long)]
         active: Option<String>,
+        /// QMP socket of the source QEMU (default: the VM's `qmp` setting).
+        #[arg(long)]
+        qmp: Option<PathBuf>,
         /// Print the phase table as JSON.
         #[arg(long)]
         json: bool,
@@ -191,6 +197,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             active,
             attach,
             existing,
+            qmp,
             json,
         } => {
             let opts = ReceiveOpts {
@@ -198,6 +205,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 active,
                 attach,
                 existing,
+                qmp,
             };
             let emit = |ev: &receive::ReceiveEvent| {
                 if json {
@@ -239,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             no_prep,
             uri,
             active,
+            qmp,
             json,
             dry_run,
         } => {
@@ -248,6 +257,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 mode: if no_prep { Mode::Noprep } else { Mode::Prep },
                 uri,
                 active,
+                qmp,
                 progress: !json && std::io::stderr().is_terminal(),
             };
             if dry_run {

@@ -35,6 +35,8 @@ pub struct MigrateOpts {
     pub progress: bool,
     /// The NIC active now (default: the state file, else the first NIC).
     pub active: Option<String>,
+    /// The source QEMU's QMP socket instead of the configured one.
+    pub qmp: Option<std::path::PathBuf>,
 }
 
 /// Everything `migrate` resolved from the config, before doing anything.
@@ -112,7 +114,10 @@ pub fn plan(host: &Host, opts: &MigrateOpts) -> Result<Plan, Error> {
         active: roles.active.id.clone(),
         standby: roles.standby.id.clone(),
         standby_bridge: host.local()?.standby_bridge.clone(),
-        qmp: host.qmp_path(&opts.vm, vm)?,
+        qmp: match &opts.qmp {
+            Some(p) => p.clone(),
+            None => host.qmp_path(&opts.vm, vm)?,
+        },
         uri,
         receive_argv,
     })

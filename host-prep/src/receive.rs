@@ -54,6 +54,8 @@ pub struct ReceiveOpts {
     /// Do not start QEMU: another tool started the incoming QEMU; connect to
     /// the configured QMP socket.
     pub existing: bool,
+    /// QMP socket instead of the configured one.
+    pub qmp: Option<PathBuf>,
 }
 
 /// Progress of `receive`, one JSON object per line with `--json`.
@@ -163,7 +165,10 @@ pub async fn receive(
         Attach::Swap => (roles.standby, roles.active),
         Attach::Keep => (roles.active, roles.standby),
     };
-    let qmp_path = host.qmp_path(&opts.vm, vm)?;
+    let qmp_path = match &opts.qmp {
+        Some(p) => p.clone(),
+        None => host.qmp_path(&opts.vm, vm)?,
+    };
     let incoming = host.incoming(&opts.vm, vm)?;
 
     let (nl, nl_task) = Netlink::connect()?;

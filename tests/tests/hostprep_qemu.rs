@@ -347,3 +347,115 @@ fn migrate_without_preparation_prints_phase_table() {
     dst.reconnect_qmp().unwrap();
     dst.quit().unwrap();
 }
+
+/// Kills a process we started (by PID) on drop.
+struct KillOnDrop(Option<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn receive_starts_incoming_qemu_from_template_with_swapped_taps() {
+    let img = GuestImage::locate().unwrap();
+    let tmp = TempDir::new();
+    let (a, b) = (host(), host());
+    let mut src = Qemu::start(&img, &spec(), Some(&a)).unwrap();
+    wait_answers(&a, LL0, "br0", Duration::from_secs(120));
+    let d = tmp.path().display().to_string();
+    // The destination QEMU's command: the same machine and devices as the
+    // source (as the harness starts it), taps from host-prep's placeholders.
+    let initrd = src.dir().join("initrd.img");
+    let argv = [
+        "qemu-system-x86_64",
+        "-machine",
+        "q35,accel=tcg",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        &img.kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        "console=ttyS0 panic=-1 quiet ",
+        "-qmp",
+        "unix:{qmp},server=on,wait=off",
+        "-chardev",
+        &format!("file,id=con,path={d}/console-{{site}}.log"),
+        "-serial",
+        "chardev:con",
+        "-chardev",
+        &format!("socket,id=ctl,path={d}/ctl-{{site}}.sock,server=on,wait=off"),
+        "-device",
+        "virtio-serial-pci,id=vser0,bus=pcie.0,addr=0x10",
+        "-device",
+        "virtconsole,chardev=ctl,id=ctl0",
+        "-netdev",
+        "tap,id=net0,ifname={tap:net0},script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=net0,id=net0,mac=52:54:00:6d:68:01,romfile=,bus=pcie.0,addr=0x3",
+        "-netdev",
+        "tap,id=net1,ifname={tap:net1},script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=net1,id=net1,mac=52:54:00:6d:68:02,romfile=,bus=pcie.0,addr=0x4",
+        "-incoming",
+        "{incoming}",
+    ];
+    let uri = format!("unix:{d}/mig.sock");
+    let cfg = write_config(tmp.path(), &a, &b, &uri);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    let argv_toml: Vec<String> = argv.iter().map(|s| format!("{s:?}")).collect();
+    text = text.replace(
+        "hoa = \"2001:db8:100::10\"\n",
+        &format!(
+            "hoa = \"2001:db8:100::10\"\nincoming = \"{uri}\"\nqemu_log = \"{d}/qemu-dst.log\"\nqemu_command = [{}]\n",
+            argv_toml.join(", ")
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    assert!(!b.link_exists(TAP0) && !b.link_exists(TAP1));
+
+    let mut cmd = b.command(host_prep_bin());
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args([
+            "--site", "B", "receive", "--vm", VM, "--active", "net0", "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut recv = ChildGuard::spawn(cmd).unwrap();
+    let stdout = recv.child_mut().stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let listening = read_event(&mut lines, "listening");
+    let pid = listening["qemu_pid"].as_i64().unwrap() as i32;
+    let _qemu = KillOnDrop(Some(pid));
+    // host-prep created the taps and attached them swapped.
+    assert_eq!(master_of(&b, TAP1), "br0");
+    assert_eq!(master_of(&b, TAP0), "brnu");
+
+    src.migrate(&uri).unwrap();
+    src.wait_migration(Duration::from_secs(120)).unwrap();
+    let switched = read_event(&mut lines, "switched");
+    assert_eq!(switched["new_active"], "net1");
+    assert!(recv
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .success());
+    // receive exited; the QEMU it started keeps running the VM.
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
+    wait_answers(&b, LL1, "br0", Duration::from_secs(10));
+    assert!(!answers(&b, LL0, "brnu"));
+}
