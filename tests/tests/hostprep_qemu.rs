@@ -243,6 +243,18 @@ fn receive_swaps_nics_and_turns_old_active_carrier_off_on_resume() {
         !answers(&b, LL0, "brnu"),
         "old active NIC still passes traffic"
     );
+    // The guest's own view: eth0 lost its carrier, eth1 has one.
+    let carriers = dst
+        .sh_ok(
+            "cat /sys/class/net/eth0/carrier /sys/class/net/eth1/carrier",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert_eq!(
+        carriers.split_whitespace().collect::<Vec<_>>(),
+        ["0", "1"],
+        "{carriers}"
+    );
     // Control: the same ping passes once its link is set up again, so the
     // silence above was the carrier.
     dst.reconnect_qmp().unwrap();
