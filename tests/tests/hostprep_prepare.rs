@@ -469,3 +469,34 @@ fn prepare_reports_missing_qmp() {
     );
     assert_eq!(hb.brx(), before);
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn failed_migration_after_preparation_undoes_it() {
+    let hb = HostBed::new(true);
+    let before = hb.brx();
+    // Destination that dies before listening.
+    let cfg = hb.config(|t| {
+        t.replace(
+            "[sites.B]\nbridge = \"brB\"\nstandby_bridge = \"brX\"\n",
+            "[sites.B]\nbridge = \"brB\"\nstandby_bridge = \"brX\"\nmigrate_uri = \"unix:/nonexistent/m6h.sock\"\nreceive_command = [\"sh\", \"-c\", \"echo destination host unreachable >&2; exit 7\"]\n",
+        )
+    });
+    let o = hb.run(&cfg, &["migrate", "--vm", "vm", "--to", "B", "--json"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("destination") && err.contains("exited"),
+        "{err}"
+    );
+    assert!(
+        err.contains("destination host unreachable"),
+        "the destination's stderr is shown: {err}"
+    );
+    // The preparation had happened (the agent got its standby) and was undone.
+    assert!(err.contains("bridge restored"), "{err}");
+    assert_eq!(hb.brx(), before);
+    assert!(o.stdout.is_empty(), "no phase table on failure");
+    // No role change was recorded.
+    assert!(!hb.bed.path("hp-state/vm.json").exists());
+}
