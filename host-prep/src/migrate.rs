@@ -436,13 +436,14 @@ async fn run_migration(
             )
             .await?;
         let t_switch = Instant::now();
-        let (old_active, new_active, switch_ms) = match switched {
+        let (old_active, new_active, switch_ms, switch_from_qemu_ms) = match switched {
             ReceiveEvent::Switched {
                 old_active,
                 new_active,
                 switch_ms,
+                switch_from_qemu_ms,
                 ..
-            } => (old_active, new_active, switch_ms),
+            } => (old_active, new_active, switch_ms, switch_from_qemu_ms),
             other => return Err(Error::Destination(format!("unexpected event {other:?}"))),
         };
         let ram = info.ram.clone().unwrap_or_default();
@@ -459,6 +460,7 @@ async fn run_migration(
             qemu_downtime_ms: qemu_down,
             qemu_total_ms: qemu_total,
             switch_ms,
+            switch_from_qemu_ms,
             cleanup_ms: 0.0,
             migration_ms: ms(t_switch - t_mig),
             total_ms: ms(t_switch - t0),

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use qapi::futures::{QapiService, QmpStreamTokio};
@@ -72,6 +72,17 @@ pub struct Stamped {
     pub event: QmpEvent,
     /// Local arrival time.
     pub at: Instant,
+    /// When QEMU emitted it (its wall-clock timestamp), if readable.
+    pub qemu_time: Option<SystemTime>,
+}
+
+/// QEMU's event timestamp as a `SystemTime` (the type keeps its fields
+/// private; its serde form is `{"seconds": .., "microseconds": ..}`).
+fn qemu_time(ev: &qapi::qmp::Event) -> Option<SystemTime> {
+    let v = serde_json::to_value(ev.timestamp()).ok()?;
+    let s = v.get("seconds")?.as_u64()?;
+    let us = v.get("microseconds")?.as_u64()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(s) + Duration::from_micros(us))
 }
 
 type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
@@ -246,6 +257,7 @@ impl Qmp {
                         let stamped = Stamped {
                             event: classify(&ev),
                             at: Instant::now(),
+                            qemu_time: qemu_time(&ev),
                         };
                         tracing::debug!(event = ?stamped.event, "QMP event");
                         if tx.send(stamped).is_err() {

@@ -85,8 +85,13 @@ pub enum ReceiveEvent {
         new_active: String,
         /// Attachment mode.
         attach: Attach,
-        /// `RESUME` until `set_link <old active> off` returned, ms (0 with keep).
+        /// `RESUME` received until `set_link <old active> off` returned, ms
+        /// (0 with keep).
         switch_ms: f64,
+        /// QEMU's own `RESUME` timestamp until `set_link` returned (includes
+        /// the event's delivery), ms; absent when unknown.
+        #[serde(default)]
+        switch_from_qemu_ms: Option<f64>,
     },
     /// Receiving failed.
     Error {
@@ -230,9 +235,9 @@ pub async fn receive(
     // With --existing the migration may have finished before we connected.
     let already_running =
         opts.existing && qmp.query_status().await.map(|s| s.running).unwrap_or(false);
-    let resumed_at = if already_running {
+    let (resumed_at, qemu_resumed) = if already_running {
         tracing::warn!("VM already running when receive connected: switching now");
-        Instant::now()
+        (Instant::now(), None)
     } else {
         let migrate_timeout = host.cfg.timeouts.migrate();
         let wait = qmp.wait_event("RESUME of the incoming VM", migrate_timeout, |e| {
@@ -257,7 +262,7 @@ pub async fn receive(
                 "incoming QEMU shut down before the VM resumed".into(),
             ));
         }
-        ev.at
+        (ev.at, ev.qemu_time)
     };
 
     let switch_ms = match opts.attach {
@@ -272,6 +277,10 @@ pub async fn receive(
             ms(resumed_at.elapsed())
         }
         Attach::Keep => 0.0,
+    };
+    let switch_from_qemu_ms = match (opts.attach, qemu_resumed) {
+        (Attach::Swap, Some(t)) => std::time::SystemTime::now().duration_since(t).ok().map(ms),
+        _ => None,
     };
     guard.disarm();
     tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, "switched");
@@ -288,6 +297,7 @@ pub async fn receive(
         new_active: up.id.clone(),
         attach: opts.attach,
         switch_ms,
+        switch_from_qemu_ms,
     };
     emit(&done);
     Ok(done)
@@ -306,6 +316,7 @@ mod tests {
             new_active: "net1".into(),
             attach: Attach::Swap,
             switch_ms: 0.25,
+            switch_from_qemu_ms: Some(0.5),
         };
         let line = serde_json::to_string(&ev).unwrap();
         assert!(line.starts_with(r#"{"event":"switched""#), "{line}");

@@ -44,6 +44,10 @@ pub struct MigrationReport {
     pub qemu_total_ms: f64,
     /// Destination `RESUME` until `set_link <old active> off` returned.
     pub switch_ms: f64,
+    /// Same, from QEMU's own `RESUME` timestamp (includes the event's
+    /// delivery to host-prep); `null` when unknown or not prepared.
+    #[serde(default)]
+    pub switch_from_qemu_ms: Option<f64>,
     /// Source clean-up (RA sender stopped, bridge restored, source QEMU quit).
     pub cleanup_ms: f64,
     /// QMP `migrate` until the switch was done (the migration without the
@@ -75,17 +79,21 @@ impl fmt::Display for MigrationReport {
         )?;
         writeln!(f, "{:<34} {:>12}", "phase", "ms")?;
         let rows = [
-            ("preparation", self.prep_ms),
-            ("destination start", self.dest_start_ms),
-            ("pre-copy", self.precopy_ms),
-            ("downtime (reported by QEMU)", self.qemu_downtime_ms),
-            ("switch (RESUME -> set_link off)", self.switch_ms),
-            ("migrate -> switch done", self.migration_ms),
-            ("total (T_ALL)", self.total_ms),
-            ("source clean-up (after T_ALL)", self.cleanup_ms),
+            ("preparation", Some(self.prep_ms)),
+            ("destination start", Some(self.dest_start_ms)),
+            ("pre-copy", Some(self.precopy_ms)),
+            ("downtime (reported by QEMU)", Some(self.qemu_downtime_ms)),
+            ("switch (RESUME -> set_link off)", Some(self.switch_ms)),
+            ("  same, from QEMU's RESUME stamp", self.switch_from_qemu_ms),
+            ("migrate -> switch done", Some(self.migration_ms)),
+            ("total (T_ALL)", Some(self.total_ms)),
+            ("source clean-up (after T_ALL)", Some(self.cleanup_ms)),
         ];
         for (name, v) in rows {
-            writeln!(f, "{name:<34} {v:>12.1}")?;
+            match v {
+                Some(v) => writeln!(f, "{name:<34} {v:>12.1}")?,
+                None => writeln!(f, "{name:<34} {:>12}", "-")?,
+            }
         }
         write!(
             f,
@@ -114,6 +122,7 @@ mod tests {
             qemu_downtime_ms: 7.0,
             qemu_total_ms: 660.0,
             switch_ms: 0.4,
+            switch_from_qemu_ms: Some(0.6),
             cleanup_ms: 12.0,
             migration_ms: 667.0,
             total_ms: 1160.0,

@@ -345,23 +345,48 @@ fn prepared_migrations_a_b_a_b_swap_roles_with_no_manual_step() {
         };
         register_standby(src_ns, n, slaac(src_pfx, old_mac), slaac(dst_pfx, new_mac));
 
+        // The last hop prints the human phase table, the others JSON.
+        let json = i + 1 < hops.len();
+        let mut args = vec!["migrate", "--vm", VM, "--to"];
+        let to_s = to.to_string();
+        args.push(&to_s);
+        if json {
+            args.push("--json");
+        }
         let out = src_ns
             .command(bin("host-prep"))
             .arg("-c")
             .arg(cfg)
-            .args(["migrate", "--vm", VM, "--to", &to.to_string(), "--json"])
+            .args(&args)
             .env("RUST_LOG", "host_prep=debug,info")
             .stdin(Stdio::null())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "hop {from}->{to} failed:\n{stderr}");
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
-        assert_eq!(report["mode"], "prep");
-        assert_eq!(report["old_active"], old_id, "{report}");
-        assert_eq!(report["new_active"], new_id, "{report}");
-        assert!(report["switch_ms"].as_f64().unwrap() > 0.0);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report = if json {
+            let report: Value =
+                serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+            assert_eq!(report["mode"], "prep");
+            assert_eq!(report["old_active"], old_id, "{report}");
+            assert_eq!(report["new_active"], new_id, "{report}");
+            assert!(report["switch_ms"].as_f64().unwrap() > 0.0);
+            report.to_string()
+        } else {
+            let head = format!("(prepared); active NIC {old_id} -> {new_id}");
+            assert!(stdout.contains(&head), "{stdout}");
+            for row in [
+                "preparation",
+                "pre-copy",
+                "downtime (reported by QEMU)",
+                "switch (RESUME",
+                "total (T_ALL)",
+            ] {
+                assert!(stdout.contains(row), "{row} missing:\n{stdout}");
+            }
+            stdout
+        };
 
         // Destination: the prepared NIC (its link turned on by the
         // preparation, also when it had been set off by the previous hop)
@@ -382,7 +407,7 @@ fn prepared_migrations_a_b_a_b_swap_roles_with_no_manual_step() {
             before,
             "hop {from}->{to}: source brnu not restored"
         );
-        eprintln!("hop {from}->{to}: {report}");
+        eprintln!("hop {from}->{to}:\n{report}");
         tables.push(report);
         drop(cur); // QEMU already quit by host-prep; removes its taps
         cur = dst;
