@@ -92,6 +92,9 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Most sources tracked by the rate limiter (about 10 MB).
+pub const MAX_BUCKETS: usize = 1 << 18;
+
 /// Per-source token bucket.
 #[derive(Debug)]
 pub struct RateLimiter {
@@ -114,11 +117,18 @@ impl RateLimiter {
 
     /// Takes one token for `ip` if available.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if now.duration_since(self.last_sweep) > Duration::from_secs(10) {
+        let full = self.buckets.len() >= MAX_BUCKETS;
+        if full || now.duration_since(self.last_sweep) > Duration::from_secs(10) {
+            // Forget sources whose bucket has refilled (same as absent).
             let (rate, burst) = (self.rate, self.burst);
             self.buckets
                 .retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * rate < burst);
             self.last_sweep = now;
+            if self.buckets.len() >= MAX_BUCKETS {
+                // A flood from (spoofed) sources: bound the memory, at the
+                // price of forgetting who was throttled.
+                self.buckets.clear();
+            }
         }
         let (tokens, at) = self.buckets.entry(ip).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
@@ -199,7 +209,10 @@ pub fn recv_loop(
                 seq: repr.seq,
                 last_accepted_seq: last_seq,
                 hoa,
-                assertion: current,
+                // Only a retransmission of the accepted update itself (its
+                // first ack was lost) gets the assertion back; other stale
+                // answers stay small so replays reflect fewer bytes than sent.
+                assertion: current.filter(|_| repr.seq == last_seq),
             };
             send_ack(&sock, from, &key, &ack);
             continue;
@@ -334,7 +347,7 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
                             seq: repr.seq,
                             last_accepted_seq: last,
                             hoa: repr.hoa,
-                            assertion: rec.binding.as_ref().map(|b| {
+                            assertion: rec.binding.as_ref().filter(|_| repr.seq == last).map(|b| {
                                 crate::index::assertion_of(&b.binding, b.signature).encode()
                             }),
                         };

@@ -49,6 +49,9 @@ async fn check_replays(
         let ack = AckRepr::parse_verified(&a, hk).unwrap();
         assert_eq!(ack.status, AckStatus::StaleSeq, "replay accepted: {ack:?}");
         assert_eq!(ack.last_accepted_seq, last);
+        // Only the replay of the last accepted update (indistinguishable from
+        // a retransmission after a lost ack) carries the current assertion.
+        assert_eq!(ack.assertion.is_some(), ack.seq == last, "{ack:?}");
     }
 }
 
