@@ -416,6 +416,17 @@ tap = "web1-n1"
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../host-prep.example.toml");
+        let cfg = Config::from_toml(text).unwrap();
+        assert_eq!(cfg.sites.len(), 2);
+        let vm = &cfg.vms["web1"];
+        vm.nic_pair("web1").unwrap();
+        assert!(vm.qemu_command.iter().any(|a| a.contains("{tap:net1}")));
+        assert!(!cfg.sites["B"].receive_command.is_empty());
+    }
+
+    #[test]
     fn unknown_key_rejected() {
         let text = format!("{SAMPLE}\n[vms.web1.extra]\nx = 1\n");
         assert!(matches!(

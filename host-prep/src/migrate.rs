@@ -486,3 +486,116 @@ async fn run_migration(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::config::Config;
+
+    fn host(dir: &std::path::Path, extra_b: &str) -> Host {
+        let text = format!(
+            r#"
+state_dir = "{}"
+local_site = "A"
+[sites.A]
+bridge = "br0"
+standby_bridge = "brnu"
+[sites.B]
+bridge = "br0"
+standby_bridge = "brnu"
+{extra_b}
+[vms.web1]
+qmp = "/run/{{vm}}-{{site}}.qmp"
+hoa = "2001:db8:100::10"
+[[vms.web1.nics]]
+id = "net0"
+tap = "w0"
+[[vms.web1.nics]]
+id = "net1"
+tap = "w1"
+"#,
+            dir.display()
+        );
+        Host::new(Config::from_toml(&text).unwrap(), None).unwrap()
+    }
+
+    fn opts(to: &str, mode: Mode) -> MigrateOpts {
+        MigrateOpts {
+            vm: "web1".into(),
+            to: to.into(),
+            mode,
+            uri: None,
+            progress: false,
+            active: None,
+            qmp: None,
+        }
+    }
+
+    const COMPLETE: &str = r#"migrate_uri = "tcp:[2001:db8:b::2]:4444"
+receive_command = ["ssh", "hb", "host-prep", "receive", "--vm", "{vm}", "--active", "{active}", "--attach", "{attach}"]"#;
+
+    #[test]
+    fn plan_expands_the_destination_command() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path(), COMPLETE);
+        let p = plan(&h, &opts("B", Mode::Prep)).unwrap();
+        assert_eq!(
+            p.receive_argv,
+            [
+                "ssh",
+                "hb",
+                "host-prep",
+                "receive",
+                "--vm",
+                "web1",
+                "--active",
+                "net0",
+                "--attach",
+                "swap"
+            ]
+        );
+        assert_eq!(p.qmp, std::path::PathBuf::from("/run/web1-A.qmp"));
+        assert_eq!((p.active.as_str(), p.standby.as_str()), ("net0", "net1"));
+        let text = p.to_string();
+        assert!(
+            text.contains("RA") && text.contains("set_link net0 off") && text.contains("dry run"),
+            "{text}"
+        );
+
+        let p = plan(&h, &opts("B", Mode::Noprep)).unwrap();
+        assert_eq!(p.receive_argv.last().map(String::as_str), Some("keep"));
+        assert!(!p.to_string().contains("Router Advertisements"));
+
+        let mut o = opts("B", Mode::Prep);
+        o.active = Some("net1".into());
+        o.uri = Some("unix:/x".into());
+        let p = plan(&h, &o).unwrap();
+        assert_eq!((p.active.as_str(), p.uri.as_str()), ("net1", "unix:/x"));
+    }
+
+    #[test]
+    fn plan_errors_name_what_is_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path(), "");
+        assert!(matches!(
+            plan(&h, &opts("A", Mode::Prep)),
+            Err(Error::SameSite { .. })
+        ));
+        assert!(matches!(
+            plan(&h, &opts("Z", Mode::Prep)),
+            Err(Error::DestinationIncomplete { .. })
+        ));
+        let e = plan(&h, &opts("B", Mode::Prep)).unwrap_err().to_string();
+        assert!(e.contains("migrate_uri"), "{e}");
+        let h = host(d.path(), "migrate_uri = \"unix:/x\"");
+        let e = plan(&h, &opts("B", Mode::Prep)).unwrap_err().to_string();
+        assert!(e.contains("receive_command"), "{e}");
+    }
+
+    #[test]
+    fn progress_bar_template_is_valid() {
+        assert!(progress_bar(true).is_some());
+        assert!(progress_bar(false).is_none());
+    }
+}
