@@ -130,6 +130,10 @@ else
     mkdir -p "$STAGE/etc/iproute2"
     [ -f /etc/protocols ] && cp /etc/protocols "$STAGE/etc/"
     [ -f /etc/services ] && cp /etc/services "$STAGE/etc/"
+    # nft -i (the agent's long-lived nft session) uses libedit, which wants
+    # a terminfo entry.
+    mkdir -p "$STAGE/lib/terminfo/d"
+    cp /lib/terminfo/d/dumb "$STAGE/lib/terminfo/d/" 2>/dev/null || true
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$STAGE/etc/passwd"
     printf 'root:x:0:\n' >"$STAGE/etc/group"
 

@@ -172,6 +172,8 @@ pub struct Testbed {
     pub ims: Netns,
     /// Core router.
     pub core: Netns,
+    /// IMS, CN agent and the rest of the mat6 stack, once started.
+    mat6: Option<Mat6Stack>,
     dir: PathBuf,
 }
 
@@ -206,11 +208,29 @@ impl Testbed {
         // Stub links of the CN and the IMS.
         for (ns, net, host) in [(&cn, "c", CN_ADDR), (&ims, "d", IMS_ADDR)] {
             veth_pair(&core, &format!("c-{net}"), ns, "up0")?;
+            core.ip(&[
+                "link",
+                "set",
+                "dev",
+                &format!("c-{net}"),
+                "addrgenmode",
+                "none",
+            ])?;
             core.link_up(&format!("c-{net}"))?;
+            core.addr_add(&format!("c-{net}"), "fe80::1/64", true)?;
             ns.link_up("up0")?;
             core.addr_add(&format!("c-{net}"), &format!("2001:db8:{net}::1/64"), true)?;
             ns.addr_add("up0", &format!("{host}/64"), true)?;
             ns.route_add(&["default", "via", &format!("2001:db8:{net}::1")])?;
+        }
+        // Management links of the hosts (host-prep talks to the IMS).
+        for (host, net) in [(&a.host, "fa"), (&b.host, "fb")] {
+            veth_pair(&core, &format!("m-{net}"), host, "mg0")?;
+            core.link_up(&format!("m-{net}"))?;
+            host.link_up("mg0")?;
+            core.addr_add(&format!("m-{net}"), &format!("2001:db8:{net}::1/64"), true)?;
+            host.addr_add("mg0", &format!("2001:db8:{net}::10/64"), true)?;
+            host.route_add(&["default", "via", &format!("2001:db8:{net}::1")])?;
         }
         let tb = Testbed {
             a,
@@ -218,6 +238,7 @@ impl Testbed {
             cn,
             ims,
             core,
+            mat6: None,
             dir,
         };
         // Sanity: CN reaches both routers' site addresses (link-locals may
@@ -274,10 +295,10 @@ impl Site {
         let nouplink = format!("br{letter}2");
         host.bridge(&bridge)?;
         host.bridge(&nouplink)?;
-        for br in [&bridge, &nouplink] {
-            // The host itself takes no part in IPv6 on these bridges.
-            host.sysctl(&format!("net.ipv6.conf.{br}.disable_ipv6"), "1")?;
-        }
+        // The host takes no part in IPv6 on the real bridge; the no-uplink
+        // bridge keeps IPv6: host-prep puts the gateway's link-local on it.
+        host.sysctl(&format!("net.ipv6.conf.{bridge}.disable_ipv6"), "1")?;
+        host.sysctl(&format!("net.ipv6.conf.{nouplink}.accept_ra"), "0")?;
         let mut c = Command::new("ip");
         c.args(["-n", router.name(), "link", "add", "down0", "type", "veth"]);
         c.args(["peer", "name", "up0", "netns", host.name()]);
@@ -322,7 +343,7 @@ fn start_radvd(
     let conf = dir.join(format!("radvd-{letter}.conf"));
     let pid = dir.join(format!("radvd-{letter}.pid"));
     let text = format!(
-        "interface {ifname} {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n  MinDelayBetweenRAs 0.05;\n  AdvDefaultLifetime 1800;\n  AdvSourceLLAddress on;\n  prefix {prefix}/64 {{\n    AdvOnLink on;\n    AdvAutonomous on;\n  }};\n}};\n"
+        "interface {ifname} {{\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n  AdvDefaultLifetime 1800;\n  AdvSourceLLAddress on;\n  prefix {prefix}/64 {{\n    AdvOnLink on;\n    AdvAutonomous on;\n  }};\n}};\n"
     );
     std::fs::write(&conf, text).map_err(io_err(format!("write {}", conf.display())))?;
     let mut c = router.command("radvd");
@@ -332,7 +353,11 @@ fn start_radvd(
         .arg(&pid)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(
+            std::fs::File::create(dir.join(format!("radvd-{letter}.log")))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null()),
+        );
     Ok(ChildGuard::spawn(c)?)
 }
 
@@ -479,6 +504,8 @@ pub struct RunResult {
 pub struct Tools {
     /// `mat6-probe` binary (host side).
     pub probe: PathBuf,
+    /// The mat6 binaries (needed by `prep` and `noprep`).
+    pub mat6: Option<Mat6Bins>,
 }
 
 /// A VM running in the testbed (the current QEMU: the destination after a
@@ -670,9 +697,9 @@ impl Testbed {
     }
 
     /// One measured migration in `mode`, with a VM of `mem_mb` MiB booted
-    /// for it. `back` also migrates it back (A→B→A) and measures both.
+    /// for it (site A → site B for the agent modes).
     pub fn run_migration(
-        &self,
+        &mut self,
         img: &GuestImage,
         tools: &Tools,
         mode: Mode,
@@ -680,13 +707,26 @@ impl Testbed {
     ) -> Result<RunResult> {
         match mode {
             Mode::Lan => self.run_lan(img, tools, mem_mb),
-            Mode::Prep | Mode::NoPrep => Err(TestbedError::ModeUnavailable {
-                mode,
-                why:
-                    "cross-subnet modes need guest-agent in the image and host-prep (not wired yet)"
-                        .into(),
-            }),
+            Mode::Prep | Mode::NoPrep => {
+                let mut v = self.run_agent_mode(img, tools, mode, mem_mb, false)?;
+                v.pop().ok_or_else(|| TestbedError::Parse {
+                    what: "run".into(),
+                    text: "no result".into(),
+                })
+            }
         }
+    }
+
+    /// A→B then B→A with the same VM (the NICs swap roles twice); one
+    /// result per leg.
+    pub fn run_round_trip(
+        &mut self,
+        img: &GuestImage,
+        tools: &Tools,
+        mode: Mode,
+        mem_mb: u32,
+    ) -> Result<Vec<RunResult>> {
+        self.run_agent_mode(img, tools, mode, mem_mb, true)
     }
 
     fn run_lan(&self, img: &GuestImage, tools: &Tools, mem_mb: u32) -> Result<RunResult> {
@@ -832,4 +872,519 @@ mod tests {
         assert!("x".parse::<Mode>().is_err());
         assert_eq!(serde_json::to_string(&Mode::NoPrep).unwrap(), "\"noprep\"");
     }
+}
+
+// ---------------------------------------------------------------------------
+// The mat6 stack: IMS, agents, host-prep (modes `prep` and `noprep`).
+
+/// The VM's home address in the agent modes.
+pub const VM_HOA: &str = "2001:db8:ff::1";
+/// The correspondent's home address in the agent modes.
+pub const CN_HOA: &str = "2001:db8:ff::2";
+/// TLS name of the IMS certificate.
+const IMS_NAME: &str = "ims.test";
+
+/// Paths of the mat6 binaries (release for the bench, debug for tests).
+#[derive(Debug, Clone)]
+pub struct Mat6Bins {
+    /// `ims-server`.
+    pub ims_server: PathBuf,
+    /// `guest-agent` (host side: the CN's agent).
+    pub guest_agent: PathBuf,
+    /// `host-prep`.
+    pub host_prep: PathBuf,
+}
+
+impl Mat6Bins {
+    /// The three binaries in `dir`, if all exist.
+    pub fn in_dir(dir: &Path) -> Option<Mat6Bins> {
+        let b = Mat6Bins {
+            ims_server: dir.join("ims-server"),
+            guest_agent: dir.join("guest-agent"),
+            host_prep: dir.join("host-prep"),
+        };
+        [&b.ims_server, &b.guest_agent, &b.host_prep]
+            .iter()
+            .all(|p| p.is_file())
+            .then_some(b)
+    }
+}
+
+/// Processes and files of the mat6 stack; processes die on drop.
+#[derive(Debug)]
+struct Mat6Stack {
+    bins: Mat6Bins,
+    dir: PathBuf,
+    ims_pk_b64: String,
+    vm_key_line: String,
+    host_prep_cfg: PathBuf,
+    /// Tap names of the VM's NICs (the same on both hosts, as host-prep
+    /// expects).
+    taps: [String; 2],
+    _cn_agent: ChildGuard,
+    _cn_radvd: ChildGuard,
+    _ims: ChildGuard,
+}
+
+fn run_tool(ns: &Netns, prog: &Path, args: &[&str]) -> Result<String> {
+    let mut c = ns.command(prog);
+    c.args(args);
+    Ok(crate::netns::run_ok(c)?)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).map_err(io_err(format!("write {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod {}", path.display())))
+}
+
+/// The agent configuration shared by the VM and the CN (paths differ).
+fn agent_toml(
+    hoa: &str,
+    ca: &str,
+    key: &str,
+    pk: &str,
+    ifaces: &[(&str, &str)],
+    sock: &str,
+) -> String {
+    let mut t = format!(
+        "hoa = \"{hoa}\"\n[ims]\nupdate_addr = \"[{IMS_ADDR}]:7341\"\ncontrol_addr = \"[{IMS_ADDR}]:7342\"\nca_file = \"{ca}\"\nserver_name = \"{IMS_NAME}\"\nkey_file = \"{key}\"\npublic_key = \"{pk}\"\nbinding_lifetime_s = 600\n"
+    );
+    for (name, role) in ifaces {
+        t.push_str(&format!(
+            "[[interfaces]]\nname = \"{name}\"\nrole = \"{role}\"\nallowed_routers = [\"fe80::1\"]\n"
+        ));
+    }
+    t.push_str(&format!(
+        "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\n"
+    ));
+    t
+}
+
+impl Testbed {
+    /// Starts the IMS (sites A and B registered, HoAs provisioned), radvd on
+    /// the CN's link and the CN's guest-agent, and writes host-prep's config.
+    pub fn start_mat6(&mut self, bins: &Mat6Bins) -> Result<()> {
+        if self.mat6.is_some() {
+            return Ok(());
+        }
+        let d = self.dir.join("mat6");
+        std::fs::create_dir_all(&d).map_err(io_err(format!("mkdir {}", d.display())))?;
+        let ds = d.display().to_string();
+        let ims = &bins.ims_server;
+        run_tool(
+            &self.ims,
+            ims,
+            &["keys", "gen-signing", "--out", &format!("{ds}/signing.pk8")],
+        )?;
+        run_tool(
+            &self.ims,
+            ims,
+            &["keys", "gen-admin-token", "--out", &format!("{ds}/token")],
+        )?;
+        run_tool(
+            &self.ims,
+            ims,
+            &["keys", "gen-tls", "--dir", &ds, "--name", IMS_NAME],
+        )?;
+        let pk = run_tool(
+            &self.ims,
+            ims,
+            &[
+                "keys",
+                "export-public",
+                "--signing-key",
+                &format!("{ds}/signing.pk8"),
+            ],
+        )?;
+        let ims_pk_b64 = pk.lines().last().unwrap_or("").trim().to_owned();
+        let cfg = format!(
+            "udp_listen = \"[::]:7341\"\ncontrol_listen = \"[::]:7342\"\nstore_path = \"{ds}/ims.redb\"\ntls_cert = \"{ds}/server.pem\"\ntls_key = \"{ds}/server.key\"\nadmin_token_file = \"{ds}/token\"\nsigning_key_file = \"{ds}/signing.pk8\"\nready_file = \"{ds}/ims-ready.json\"\n"
+        );
+        write_file(&d, "ims.toml", &cfg)?;
+        let log = std::fs::File::create(d.join("ims.log")).map_err(io_err("ims.log"))?;
+        let mut c = self.ims.command(ims);
+        c.args(["serve", "--config"])
+            .arg(d.join("ims.toml"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("ims.log"))?)
+            .stderr(log);
+        let ims_proc = ChildGuard::spawn(c)?;
+        let ready = d.join("ims-ready.json");
+        crate::netns::wait_for("ims-server ready", Duration::from_secs(30), || {
+            ready.exists()
+        })?;
+        let conn = [
+            "--server",
+            "[::1]:7342",
+            "--server-name",
+            IMS_NAME,
+            "--ca",
+            &format!("{ds}/ca.pem"),
+            "--token-file",
+            &format!("{ds}/token"),
+        ]
+        .map(str::to_owned);
+        for site in [&self.a, &self.b] {
+            let name = site.letter.to_ascii_uppercase().to_string();
+            let mut args: Vec<String> = vec!["sites".into()];
+            args.extend(conn.iter().cloned());
+            args.extend(
+                [
+                    "add",
+                    "--name",
+                    &name,
+                    "--prefix",
+                    &format!("{}/64", site.prefix),
+                    "--gateway-ll",
+                    &site.gw_ll,
+                    "--gateway-mac",
+                    &site.gw_mac,
+                ]
+                .map(str::to_owned),
+            );
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_tool(&self.ims, ims, &a)?;
+        }
+        let key_line = |hoa: &str| -> Result<String> {
+            let mut args: Vec<String> = vec!["keys".into(), "add".into()];
+            args.extend(conn.iter().cloned());
+            args.extend(["--hoa".to_string(), hoa.to_string()]);
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run_tool(&self.ims, ims, &a)?;
+            out.lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| l.contains(':') && !l.contains(' '))
+                .map(str::to_owned)
+                .ok_or_else(|| TestbedError::Parse {
+                    what: "ims-server keys add".into(),
+                    text: out.clone(),
+                })
+        };
+        let vm_key_line = key_line(VM_HOA)?;
+        let cn_key_line = key_line(CN_HOA)?;
+        // RAs on the CN's link (core's c-c, gateway fe80::1).
+        let cn_radvd = start_radvd(&self.core, "c-c", "2001:db8:c::", &d, 'c')?;
+        // The CN's agent.
+        write_private(&d.join("cn.key"), &cn_key_line)?;
+        let cn_toml = agent_toml(
+            CN_HOA,
+            &format!("{ds}/ca.pem"),
+            &format!("{ds}/cn.key"),
+            &ims_pk_b64,
+            &[("up0", "primary")],
+            &format!("{ds}/cn.sock"),
+        );
+        write_file(&d, "cn.toml", &cn_toml)?;
+        let log = std::fs::File::create(d.join("cn-agent.log")).map_err(io_err("cn-agent.log"))?;
+        let mut c = self.cn.command(&bins.guest_agent);
+        c.args(["run", "--config"])
+            .arg(d.join("cn.toml"))
+            .env("RUST_LOG", "guest_agent=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("cn-agent.log"))?)
+            .stderr(log);
+        let cn_agent = ChildGuard::spawn(c)?;
+        // host-prep's configuration (both hosts share it; --site tells).
+        let taps = [
+            crate::netns::unique_ifname("m6ev"),
+            crate::netns::unique_ifname("m6ev"),
+        ];
+        let hp = bins.host_prep.display().to_string();
+        let cfg_path = d.join("host-prep.toml");
+        let cp = cfg_path.display().to_string();
+        let recv = |site: &Site, name: &str| {
+            format!(
+                "[\"ip\", \"netns\", \"exec\", \"{}\", \"{hp}\", \"-c\", \"{cp}\", \"--site\", \"{name}\", \"receive\", \"--vm\", \"{{vm}}\", \"--active\", \"{{active}}\", \"--attach\", \"{{attach}}\", \"--existing\", \"--json\"]",
+                site.host.name()
+            )
+        };
+        let hp_cfg = format!(
+            "state_dir = \"{ds}/hp-state\"\n\n[ims]\ncontrol = \"[{IMS_ADDR}]:7342\"\nserver_name = \"{IMS_NAME}\"\nca_cert = \"{ds}/ca.pem\"\n\n[timeouts]\nprepare_ms = 30000\nstart_ms = 20000\nmigrate_ms = 300000\n\n[sites.A]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[sites.B]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[vms.vm]\nqmp = \"{ds}/{{site}}.qmp\"\nhoa = \"{VM_HOA}\"\n[[vms.vm.nics]]\nid = \"nic0\"\ntap = \"{}\"\n[[vms.vm.nics]]\nid = \"nic1\"\ntap = \"{}\"\n",
+            self.a.bridge,
+            self.a.nouplink,
+            recv(&self.a, "A"),
+            self.b.bridge,
+            self.b.nouplink,
+            recv(&self.b, "B"),
+            taps[0],
+            taps[1]
+        );
+        write_file(&d, "host-prep.toml", &hp_cfg)?;
+        self.mat6 = Some(Mat6Stack {
+            bins: bins.clone(),
+            dir: d,
+            ims_pk_b64,
+            vm_key_line,
+            host_prep_cfg: cfg_path,
+            taps,
+            _cn_agent: cn_agent,
+            _cn_radvd: cn_radvd,
+            _ims: ims_proc,
+        });
+        Ok(())
+    }
+
+    fn stack(&self, mode: Mode) -> Result<&Mat6Stack> {
+        self.mat6
+            .as_ref()
+            .ok_or_else(|| TestbedError::ModeUnavailable {
+                mode,
+                why: "mat6 stack not started (Testbed::start_mat6)".into(),
+            })
+    }
+
+    /// The CN agent's log (diagnostics).
+    pub fn cn_agent_log(&self) -> String {
+        self.mat6
+            .as_ref()
+            .and_then(|m| std::fs::read_to_string(m.dir.join("cn-agent.log")).ok())
+            .unwrap_or_default()
+    }
+
+    /// Boots the VM on site A with guest-agent (HoA `VM_HOA`, eth0 primary,
+    /// eth1 secondary) and waits until the HoAs reach each other.
+    pub fn boot_agent_vm(&self, img: &GuestImage, mem_mb: u32) -> Result<TestVm> {
+        let st = self.stack(Mode::Prep)?;
+        if !img.has_agent {
+            return Err(TestbedError::ModeUnavailable {
+                mode: Mode::Prep,
+                why: "the guest image has no guest-agent (images/build.sh after it builds)".into(),
+            });
+        }
+        let ca = std::fs::read(st.dir.join("ca.pem")).map_err(io_err("read ca.pem"))?;
+        let toml = agent_toml(
+            VM_HOA,
+            "/etc/mat6/ca.pem",
+            "/etc/mat6/guest-agent.key",
+            &st.ims_pk_b64,
+            &[("eth0", "primary"), ("eth1", "secondary")],
+            "/run/mat6/guest-agent.sock",
+        );
+        let id = VmIdentity {
+            addr: VM_HOA.into(),
+            ..VmIdentity::default()
+        };
+        // A fresh VM starts with nic0 active at site A.
+        let _ = std::fs::remove_dir_all(st.dir.join("hp-state"));
+        let spec = VmSpec::new("vm", mem_mb)
+            .nic(NicSpec::new("nic0", &id.mac0, &st.taps[0], &self.a.bridge))
+            .nic(NicSpec::new(
+                "nic1",
+                &id.mac1,
+                &st.taps[1],
+                &self.a.nouplink,
+            ))
+            .overlay(
+                crate::qemu::Overlay::new()
+                    .vm_conf(&format!(
+                        "HOSTNAME=m6e-vm\nAGENT_LOG=guest_agent=debug,info\n{ECHO_SETUP}"
+                    ))
+                    .file("/etc/mat6/guest-agent.toml", toml, 0o644)
+                    .file(
+                        "/etc/mat6/guest-agent.key",
+                        format!("{}\n", st.vm_key_line),
+                        0o600,
+                    )
+                    .file("/etc/mat6/ca.pem", ca, 0o644),
+            );
+        let mut qemu = Qemu::start(img, &spec, Some(&self.a.host))?;
+        qemu.wait_ready(Duration::from_secs(120))?;
+        let mut vm = TestVm {
+            qemu,
+            site: 'a',
+            id,
+            tap_seq: 0,
+        };
+        let ok = crate::netns::wait_for("CN HoA reaches VM HoA", Duration::from_secs(60), || {
+            self.cn
+                .exec(
+                    "ping",
+                    &["-6", "-n", "-c", "1", "-W", "1", "-I", CN_HOA, VM_HOA],
+                )
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        if ok.is_err() {
+            return Err(TestbedError::Parse {
+                what: "HoA reachability".into(),
+                text: format!(
+                    "CN cannot ping the VM's HoA {VM_HOA} from {CN_HOA}; {}\nguest agent log:\n{}\nCN agent log tail:\n{}",
+                    vm.diag(),
+                    vm.qemu
+                        .sh("tail -n 40 /var/log/guest-agent.log", Duration::from_secs(5))
+                        .map(|(_, o)| o)
+                        .unwrap_or_default(),
+                    tail(&self.cn_agent_log(), 40)
+                ),
+            });
+        }
+        Ok(vm)
+    }
+
+    /// Migrates the VM to the other site with `host-prep migrate` (prepared,
+    /// or `--no-prep`). The destination QEMU is started here (`--existing`)
+    /// with the source's attachments; host-prep's `receive` swaps them.
+    /// Returns QEMU's figures, T_ALL (ms: `migrate` → switched, without the
+    /// preparation) and host-prep's JSON report.
+    pub fn migrate_hostprep(
+        &self,
+        vm: &mut TestVm,
+        prep: bool,
+    ) -> Result<(MigrationStats, f64, serde_json::Value)> {
+        let mode = if prep { Mode::Prep } else { Mode::NoPrep };
+        let st = self.stack(mode)?;
+        let (from, to) = if vm.site == 'a' {
+            (&self.a, &self.b)
+        } else {
+            (&self.b, &self.a)
+        };
+        let from_name = from.letter.to_ascii_uppercase().to_string();
+        let to_name = to.letter.to_ascii_uppercase().to_string();
+        // Destination: same devices, taps on the same roles' bridges as now.
+        let mut spec = vm.qemu.spec().clone();
+        for n in spec.nics.iter_mut() {
+            n.bridge = if n.bridge == from.bridge {
+                to.bridge.clone()
+            } else {
+                to.nouplink.clone()
+            };
+        }
+        let uri = vm.qemu.migration_uri();
+        let img = vm.qemu.image().clone();
+        let mut dst = Qemu::start(&img, &spec.incoming(&uri), Some(&to.host))?;
+        dst.release_qmp()?;
+        vm.qemu.release_qmp()?;
+        for (name, q) in [(&from_name, &vm.qemu), (&to_name, &dst)] {
+            let link = st.dir.join(format!("{name}.qmp"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(q.qmp_path(), &link)
+                .map_err(io_err(format!("symlink {}", link.display())))?;
+        }
+        let mut c = from.host.command(&st.bins.host_prep);
+        c.arg("-c").arg(&st.host_prep_cfg).args([
+            "--site", &from_name, "migrate", "--vm", "vm", "--to", &to_name, "--uri", &uri,
+            "--json",
+        ]);
+        if !prep {
+            c.arg("--no-prep");
+        }
+        c.env("RUST_LOG", "host_prep=info,warn")
+            .stdin(Stdio::null());
+        let out = c.output().map_err(io_err("run host-prep migrate"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let _ = std::fs::write(
+            st.dir.join(format!("host-prep-{from_name}{to_name}.log")),
+            &stderr,
+        );
+        if !out.status.success() {
+            return Err(TestbedError::Parse {
+                what: "host-prep migrate".into(),
+                text: format!("exit {}: {}", out.status, tail(&stderr, 30)),
+            });
+        }
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|_| TestbedError::Parse {
+                what: "host-prep migrate --json".into(),
+                text: String::from_utf8_lossy(&out.stdout).into_owned(),
+            })?;
+        dst.reconnect_qmp()?;
+        let old = std::mem::replace(&mut vm.qemu, dst);
+        drop(old); // host-prep quit it; kill whatever is left, remove its taps
+        vm.site = to.letter;
+        let f = |k: &str| {
+            report
+                .get(k)
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0)
+        };
+        let stats = MigrationStats {
+            total_ms: f("qemu_total_ms") as u64,
+            downtime_ms: f("qemu_downtime_ms") as u64,
+            setup_ms: 0,
+            transferred: report
+                .get("transferred_bytes")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            dirty_sync_count: report
+                .get("dirty_sync_count")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            wall_ms: f("migration_ms") as u64,
+        };
+        Ok((stats, f("migration_ms"), report))
+    }
+
+    fn run_agent_mode(
+        &mut self,
+        img: &GuestImage,
+        tools: &Tools,
+        mode: Mode,
+        mem_mb: u32,
+        back: bool,
+    ) -> Result<Vec<RunResult>> {
+        let bins = tools
+            .mat6
+            .clone()
+            .ok_or_else(|| TestbedError::ModeUnavailable {
+                mode,
+                why: "ims-server, guest-agent and host-prep binaries not found".into(),
+            })?;
+        if !img.has_agent {
+            return Err(TestbedError::ModeUnavailable {
+                mode,
+                why: "the guest image has no guest-agent".into(),
+            });
+        }
+        self.start_mat6(&bins)?;
+        let mut vm = self.boot_agent_vm(img, mem_mb)?;
+        let prep = mode == Mode::Prep;
+        let mut out = Vec::new();
+        let legs = if back { 2 } else { 1 };
+        for _ in 0..legs {
+            let r = measure(
+                self,
+                tools,
+                &mut vm,
+                VM_HOA,
+                Some(CN_HOA),
+                CN_HOA,
+                mem_mb,
+                mode,
+                |tb, vm| {
+                    let (s, t, rep) = tb.migrate_hostprep(vm, prep)?;
+                    Ok((s, t, Some(rep)))
+                },
+            );
+            match r {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    let log = vm
+                        .qemu
+                        .sh(
+                            "tail -n 30 /var/log/guest-agent.log",
+                            Duration::from_secs(5),
+                        )
+                        .map(|(_, o)| o)
+                        .unwrap_or_default();
+                    return Err(TestbedError::Parse {
+                        what: format!("{mode} migration"),
+                        text: format!(
+                            "{e}\nguest agent log:\n{log}\nCN agent log:\n{}",
+                            tail(&self.cn_agent_log(), 30)
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
 }

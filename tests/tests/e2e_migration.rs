@@ -4,14 +4,20 @@
 //! Needs the guest image: `images/build.sh`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use mat6_tests::qemu::GuestImage;
-use mat6_tests::testbed::{Mode, RunResult, Testbed, TestbedOptions, Tools};
+use mat6_tests::testbed::{Mat6Bins, Mode, RunResult, Testbed, TestbedOptions, Tools};
 
+/// The host-side binaries: mat6-probe from this package, ims-server,
+/// guest-agent and host-prep from the same target dir (`./test.sh` builds
+/// the workspace first).
 fn tools() -> Tools {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
     Tools {
         probe: PathBuf::from(env!("CARGO_BIN_EXE_mat6-probe")),
+        mat6: Mat6Bins::in_dir(&dir),
     }
 }
 
@@ -77,7 +83,7 @@ fn assert_run(r: &RunResult) {
 #[ignore = "privileged: run with ./test.sh (root, netns)"]
 fn e2e_lan_migration_keeps_connections() {
     let img = image();
-    let tb = Testbed::new(&TestbedOptions::default()).expect("testbed");
+    let mut tb = Testbed::new(&TestbedOptions::default()).expect("testbed");
     let r = tb
         .run_migration(&img, &tools(), Mode::Lan, 128)
         .expect("lan migration");
@@ -133,4 +139,42 @@ fn e2e_qemu_harness_boots_and_runs_commands() {
         )
         .unwrap();
     assert!(out.contains("udp-probe"), "{out}");
+}
+
+/// The cross-subnet migration with preparation, there and back (A→B→A):
+/// `host-prep migrate` with guest-agent in the guest and on the CN; ping
+/// between the HoAs both ways, UDP and TCP streams between the HoAs.
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn e2e_prep_migration_there_and_back() {
+    let img = image();
+    let t = tools();
+    assert!(
+        img.has_agent,
+        "guest image without guest-agent: rebuild with images/build.sh"
+    );
+    assert!(
+        t.mat6.is_some(),
+        "build ims-server, guest-agent and host-prep first (cargo build --workspace)"
+    );
+    let mut tb = Testbed::new(&TestbedOptions::default()).expect("testbed");
+    let legs = tb
+        .run_round_trip(&img, &t, Mode::Prep, 128)
+        .expect("prep migration A->B->A");
+    assert_eq!(legs.len(), 2);
+    for r in &legs {
+        report(r);
+        if let Some(hp) = &r.host_prep {
+            println!("host-prep: {hp}");
+        }
+        assert_run(r);
+    }
+    // The NICs swapped roles at each migration.
+    let active = |r: &RunResult| {
+        r.host_prep
+            .as_ref()
+            .and_then(|h| h["new_active"].as_str().map(str::to_owned))
+    };
+    assert_eq!(active(&legs[0]).as_deref(), Some("nic1"));
+    assert_eq!(active(&legs[1]).as_deref(), Some("nic0"));
 }

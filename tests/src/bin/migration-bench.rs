@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use mat6_tests::qemu::GuestImage;
-use mat6_tests::testbed::{Mode, RunResult, Testbed, TestbedOptions, Tools};
+use mat6_tests::testbed::{Mat6Bins, Mode, RunResult, Testbed, TestbedOptions, Tools};
 use serde_json::{json, Value};
 
 #[derive(Debug)]
@@ -275,11 +275,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let probe = std::env::current_exe()
+    let bin_dir = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().map(|d| d.join("mat6-probe")))
-        .unwrap_or_else(|| PathBuf::from("mat6-probe"));
-    let tools = Tools { probe };
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    let tools = Tools {
+        probe: bin_dir.join("mat6-probe"),
+        mat6: Mat6Bins::in_dir(&bin_dir),
+    };
+    if tools.mat6.is_none() {
+        eprintln!("migration-bench: ims-server/guest-agent/host-prep not in {}: prep and noprep will fail", bin_dir.display());
+    }
     let mut ok: Vec<RunResult> = Vec::new();
     let mut runs_json: Vec<Value> = Vec::new();
     for &mem in &o.mems {
@@ -292,7 +298,7 @@ fn main() -> ExitCode {
                 );
                 let res = Testbed::new(&TestbedOptions::default())
                     .map_err(|e| e.to_string())
-                    .and_then(|tb| {
+                    .and_then(|mut tb| {
                         tb.run_migration(&img, &tools, mode, mem)
                             .map_err(|e| e.to_string())
                     });
