@@ -9,12 +9,40 @@ use std::process::Command;
 use common::{TestServer, BIN};
 
 fn serve_fails(srv: &TestServer, must_contain: &[&str]) {
-    let out = Command::new(BIN)
+    use std::io::Read as _;
+    let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&srv.config)
         .env("RUST_LOG", "off")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A server that wrongly starts must not hang the test: kill it.
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server started despite {must_contain:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut stderr = Vec::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    let out = std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    };
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "must exit non-zero; stderr: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
