@@ -437,6 +437,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 pub struct ControlClient {
     tx: mpsc::Sender<Vec<u8>>,
     pending: Pending,
+    closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: Arc<AtomicU64>,
     admin_token: Option<Arc<str>>,
 }
@@ -464,6 +465,8 @@ impl ControlClient {
             let _ = wr.shutdown().await;
         });
         let p2 = pending.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed2 = closed.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             while let Ok(f) = read_frame(&mut rd, &mut buf).await {
@@ -472,6 +475,9 @@ impl ControlClient {
                     let _ = w.send(f.resp);
                 }
             }
+            // Mark closed before failing the waiters, so that a request
+            // registered after this point sees the flag (see `request`).
+            closed2.store(true, Ordering::SeqCst);
             if let Ok(mut m) = p2.lock() {
                 m.clear();
             }
@@ -479,9 +485,16 @@ impl ControlClient {
         Ok(ControlClient {
             tx,
             pending,
+            closed,
             next_id: Arc::new(AtomicU64::new(1)),
             admin_token: None,
         })
+    }
+
+    /// True once the connection is gone (every request then fails with
+    /// [`ClientError::Closed`]; connect again).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Uses `token` for admin operations.
@@ -500,6 +513,12 @@ impl ControlClient {
             .lock()
             .map_err(|_| ClientError::Closed)?
             .insert(id, otx);
+        if self.closed.load(Ordering::SeqCst) {
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&id);
+            }
+            return Err(ClientError::Closed);
+        }
         self.tx.send(bytes).await.map_err(|_| ClientError::Closed)?;
         match orx.await.map_err(|_| ClientError::Closed)? {
             Response::Error { code, message } => Err(ClientError::Server { code, message }),

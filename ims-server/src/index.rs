@@ -278,7 +278,9 @@ impl Index {
         };
         let (i, _) = entry.remove();
         let i = i as usize;
-        let last = self.slots.len() - 1;
+        let Some(last) = self.slots.len().checked_sub(1) else {
+            return;
+        };
         self.slots.swap_remove(i);
         if i != last {
             // The former last slot moved to `i`: repoint its table entry.

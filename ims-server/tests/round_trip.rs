@@ -107,9 +107,14 @@ async fn provision_update_lookup_watch_standby_then_activate() {
     assert_eq!(e.revision, ev2.revision);
 
     // Crash and restart: the live watch reconnects and misses nothing.
+    let old = ctl.clone();
     drop(ctl);
     srv.kill9();
     srv.start();
+    // A client whose connection died fails fast instead of hanging.
+    let r = tokio::time::timeout(Duration::from_secs(5), old.lookup(h)).await;
+    assert!(matches!(r, Ok(Err(ClientError::Closed))), "{r:?}");
+    assert!(old.is_closed());
     let mut up2 = UpdateClient::bind(addrs.udp, h, key.clone()).await.unwrap();
     let r3 = up2.send(&BindingUpdate::activate(a, 600)).await.unwrap();
     assert!(r3.seq > r2.seq);
