@@ -219,7 +219,9 @@ pub async fn restore(nl: &Netlink, imp: &Impersonation) -> Result<(), BridgeErro
     let mut first_err = None;
     if imp.added_addr {
         if let Err(e) = nl.addr_del(br.ifindex, imp.gateway_ll, 64).await {
-            if !e.is_not_found() {
+            // Already gone: ENOENT/ESRCH, or EADDRNOTAVAIL (99) for an
+            // address no longer on the link.
+            if !e.is_not_found() && e.errno() != Some(99) {
                 first_err.get_or_insert(nl_err(bridge)(e));
             }
         }
