@@ -265,6 +265,9 @@ pub async fn receive(
         (ev.at, ev.qemu_time)
     };
 
+    // From RESUME on, this QEMU runs the only live copy of the VM: whatever
+    // fails next must not kill it.
+    guard.disarm();
     let switch_ms = match opts.attach {
         Attach::Swap => {
             qmp.set_link(&down.id, false)
@@ -282,7 +285,6 @@ pub async fn receive(
         (Attach::Swap, Some(t)) => std::time::SystemTime::now().duration_since(t).ok().map(ms),
         _ => None,
     };
-    guard.disarm();
     tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, "switched");
 
     let st = VmState {
