@@ -26,7 +26,10 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Serve(args) => {
                 let cfg = args.load()?;
-                ims_server::run(cfg, shutdown_signal()).await?;
+                // Install the handlers before READY=1: a SIGTERM right after
+                // readiness must stop the server gracefully, not kill it.
+                let shutdown = shutdown_signal();
+                ims_server::run(cfg, shutdown).await?;
                 Ok(())
             }
             other => run_admin(other).await,
@@ -41,20 +44,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
