@@ -768,3 +768,41 @@ async fn watch_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let missing = Path::new("/nonexistent/mat6-ca.pem");
+        let e = TlsSettings::from_ca_pem_file(missing, "localhost").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/mat6-ca.pem"), "{e}");
+        let dir = std::env::temp_dir().join(format!("ims-client-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(matches!(
+            TlsSettings::from_ca_pem_file(&empty, "localhost"),
+            Err(ClientError::BadCa {
+                reason: "no certificate in file",
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(
+            TlsSettings::from_ca_ders(vec![], "not a name!"),
+            Err(ClientError::BadServerName(_))
+        ));
+    }
+
+    #[test]
+    fn update_constructors() {
+        let m: Ipv6Addr = "2001:db8:b::1".parse().unwrap();
+        let a = BindingUpdate::activate(m, 60);
+        assert!(a.activate && a.active == Some(m) && a.standby.is_empty());
+        let s = BindingUpdate::standby(None, vec![m], 60);
+        assert!(!s.activate && s.active.is_none() && s.standby == vec![m]);
+    }
+}
