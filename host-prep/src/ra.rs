@@ -470,6 +470,102 @@ mod tests {
         assert_eq!(timing_for(None, timing()), timing());
     }
 
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Rs { after_ms: u64, unspecified: bool },
+        Timeout,
+        Stop,
+    }
+
+    fn ev() -> impl proptest::strategy::Strategy<Value = Ev> {
+        use proptest::prelude::*;
+        prop_oneof![
+            8 => (0u64..400, any::<bool>()).prop_map(|(after_ms, unspecified)| Ev::Rs { after_ms, unspecified }),
+            8 => Just(Ev::Timeout),
+            1 => Just(Ev::Stop),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of solicitations, timeouts and a stop: solicited
+        /// RAs are at least `min_solicited_gap` apart, every RS before the
+        /// stop is answered (at once or by the deferred multicast RA) within
+        /// the gap, unsolicited RAs follow the schedule, and after the final
+        /// RA nothing is sent.
+        #[test]
+        fn ra_sender_invariants(events in proptest::collection::vec(ev(), 1..200)) {
+            let t = timing();
+            let t0 = Instant::now();
+            let mut s = RaSender::new(t, t0);
+            let mut now = t0;
+            let mut solicited_at: Vec<Instant> = Vec::new();
+            let mut unsolicited_at: Vec<Instant> = Vec::new();
+            let mut rs_at: Vec<Instant> = Vec::new();
+            let mut finals = 0;
+            let mut stopped = false;
+            let mut after_final = 0;
+            for e in events {
+                match e {
+                    Ev::Rs { after_ms, unspecified } => {
+                        now += Duration::from_millis(after_ms);
+                        // Time passes: fire what was due first.
+                        while let Some(d) = s.poll_timeout() {
+                            if d > now { break; }
+                            s.handle_timeout(d);
+                            for tx in drain(&mut s) {
+                                record(&tx, d, &mut solicited_at, &mut unsolicited_at, &mut finals);
+                            }
+                        }
+                        let src = if unspecified { Ipv6Addr::UNSPECIFIED } else { "fe80::7".parse().unwrap() };
+                        s.handle_rs(src, now);
+                        if !stopped { rs_at.push(now); }
+                    }
+                    Ev::Timeout => {
+                        if let Some(d) = s.poll_timeout() {
+                            now = now.max(d);
+                            s.handle_timeout(now);
+                        }
+                    }
+                    Ev::Stop => { s.stop(); stopped = true; }
+                }
+                for tx in drain(&mut s) {
+                    if finals > 0 { after_final += 1; }
+                    record(&tx, now, &mut solicited_at, &mut unsolicited_at, &mut finals);
+                }
+            }
+            proptest::prop_assert!(finals <= 1);
+            proptest::prop_assert_eq!(after_final, 0);
+            for w in solicited_at.windows(2) {
+                proptest::prop_assert!(w[1] - w[0] >= t.min_solicited_gap, "solicited RAs too close");
+            }
+            for w in unsolicited_at.windows(2) {
+                proptest::prop_assert!(w[1] - w[0] >= t.initial_interval);
+            }
+            if !stopped {
+                // Every RS got an RA no later than one gap after it.
+                for r in &rs_at {
+                    let answered = solicited_at.iter().any(|a| *a >= *r && *a - *r <= t.min_solicited_gap);
+                    let pending = s.poll_timeout().is_some_and(|d| d <= *r + t.min_solicited_gap) && solicited_at.iter().all(|a| *a < *r);
+                    proptest::prop_assert!(answered || pending, "RS at {:?} unanswered", *r - t0);
+                }
+            }
+        }
+    }
+
+    fn record(
+        tx: &Transmit,
+        at: Instant,
+        sol: &mut Vec<Instant>,
+        unsol: &mut Vec<Instant>,
+        finals: &mut u32,
+    ) {
+        match tx.reason {
+            Reason::Solicited => sol.push(at),
+            Reason::Initial | Reason::Periodic => unsol.push(at),
+            Reason::Final => *finals += 1,
+        }
+    }
+
     #[test]
     fn timing_from_settings_clamps_zero() {
         let cfg = crate::config::RaSettings {
