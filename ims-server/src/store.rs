@@ -132,6 +132,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub struct RedbStore {
     db: redb::Database,
     path: PathBuf,
+    /// next_key_id as last written to the meta table (None: unknown).
+    meta_key_id: Option<u32>,
 }
 
 impl RedbStore {
@@ -148,6 +150,7 @@ impl RedbStore {
         let s = RedbStore {
             db,
             path: path.to_owned(),
+            meta_key_id: None,
         };
         // Make sure every table exists so readers never see "table missing".
         let tx = s.db.begin_write().map_err(|e| open_err(e.into()))?;
@@ -178,16 +181,24 @@ impl BindingStore for RedbStore {
         };
         let tx = self.db.begin_read().map_err(|x| e(x.into()))?;
         let mut out = Loaded::default();
+        // Every revision is recorded with the binding or tombstone it
+        // produced, so the store revision is their maximum (the meta table is
+        // only rewritten when next_key_id changes: one B-tree less per commit).
+        let mut max_rev = 0u64;
         let hoas = tx.open_table(HOAS).map_err(|x| e(x.into()))?;
         for item in hoas.iter().map_err(|x| e(x.into()))? {
             let (k, v) = item.map_err(|x| e(x.into()))?;
             let rec = decode_hoa(k.value(), v.value()).ok_or_else(|| corrupt("hoas"))?;
+            if let Some(b) = &rec.binding {
+                max_rev = max_rev.max(b.revision);
+            }
             on_hoa(rec);
         }
         let tomb = tx.open_table(TOMBSTONES).map_err(|x| e(x.into()))?;
         for item in tomb.iter().map_err(|x| e(x.into()))? {
             let (k, v) = item.map_err(|x| e(x.into()))?;
             let a: [u8; 16] = k.value().try_into().map_err(|_| corrupt("tombstones"))?;
+            max_rev = max_rev.max(v.value());
             out.tombstones.push((Ipv6Addr::from(a), v.value()));
         }
         let sites = tx.open_table(SITES).map_err(|x| e(x.into()))?;
@@ -205,6 +216,7 @@ impl BindingStore for RedbStore {
             .get("next_key_id")
             .map_err(|x| e(x.into()))?
             .map_or(1, |v| v.value() as u32);
+        out.revision = out.revision.max(max_rev);
         Ok(out)
     }
 
@@ -220,7 +232,6 @@ impl BindingStore for RedbStore {
             let mut hoas = tx.open_table(HOAS).map_err(|x| e(x.into()))?;
             let mut tomb = tx.open_table(TOMBSTONES).map_err(|x| e(x.into()))?;
             let mut sites = tx.open_table(SITES).map_err(|x| e(x.into()))?;
-            let mut meta = tx.open_table(META).map_err(|x| e(x.into()))?;
             let mut buf = Vec::with_capacity(256);
             for op in ops {
                 match op {
@@ -249,11 +260,17 @@ impl BindingStore for RedbStore {
                     }
                 }
             }
-            meta.insert("revision", revision).map_err(|x| e(x.into()))?;
-            meta.insert("next_key_id", u64::from(next_key_id))
-                .map_err(|x| e(x.into()))?;
+            if self.meta_key_id != Some(next_key_id) {
+                let mut meta = tx.open_table(META).map_err(|x| e(x.into()))?;
+                meta.insert("revision", revision).map_err(|x| e(x.into()))?;
+                meta.insert("next_key_id", u64::from(next_key_id))
+                    .map_err(|x| e(x.into()))?;
+            }
         }
-        tx.commit().map_err(|x| e(x.into()))
+        tx.commit().map_err(|x| e(x.into()))?;
+        drop(e);
+        self.meta_key_id = Some(next_key_id);
+        Ok(())
     }
 }
 
@@ -393,11 +410,21 @@ mod tests {
                 4,
             )
             .unwrap();
+            // Same next_key_id: the meta table is not rewritten, the revision
+            // is recovered from the records.
+            let mut r = rec(true);
+            r.hoa = "2001:db8:100::2".parse().unwrap();
+            if let Some(b) = r.binding.as_mut() {
+                b.binding.hoa = r.hoa;
+                b.revision = 6;
+            }
+            s.commit(&[StoreOp::PutHoa(Box::new(r))], 6, 4).unwrap();
         }
         let s = RedbStore::open(&path, 1 << 20).unwrap();
         let l = s.load().unwrap();
-        assert_eq!(l.hoas, vec![rec(true)]);
-        assert_eq!(l.revision, 5);
+        assert_eq!(l.hoas.len(), 2);
+        assert_eq!(l.hoas[0], rec(true));
+        assert_eq!(l.revision, 6);
         assert_eq!(l.next_key_id, 4);
         assert_eq!(l.sites.len(), 1);
         assert_eq!(l.tombstones, vec![("2001:db8::9".parse().unwrap(), 5)]);
