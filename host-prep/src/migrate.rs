@@ -346,19 +346,23 @@ pub async fn migrate<R: Registry>(
         None => Ok(()),
     };
     let (mut report, qmp) = result?;
-    released?;
-    if let Err(e) = qmp.quit().await {
-        tracing::warn!(error = %e, "source QEMU did not quit cleanly");
-    }
-    report.cleanup_ms = ms(cleanup_start.elapsed());
-    report.prep_ms = prep_ms;
-
+    // The VM runs at the destination now: record that and quit the source
+    // even if undoing the preparation failed (that is reported, not fatal).
     let st = VmState {
         site: opts.to.clone(),
         active: report.new_active.clone(),
         migrations: roles.state.migrations + 1,
     };
     state::save(&host.cfg.state_dir, &opts.vm, &st)?;
+    if let Err(e) = qmp.quit().await {
+        tracing::warn!(error = %e, "source QEMU did not quit cleanly");
+    }
+    if let Err(e) = released {
+        tracing::error!(error = %e, "migration done, but the source bridge was not fully restored");
+        report.cleanup_error = Some(e.to_string());
+    }
+    report.cleanup_ms = ms(cleanup_start.elapsed());
+    report.prep_ms = prep_ms;
     Ok(report)
 }
 
@@ -462,6 +466,7 @@ async fn run_migration(
             switch_ms,
             switch_from_qemu_ms,
             cleanup_ms: 0.0,
+            cleanup_error: None,
             migration_ms: ms(t_switch - t_mig),
             total_ms: ms(t_switch - t0),
             transferred_bytes: u64::try_from(ram.transferred).unwrap_or(0),

@@ -50,6 +50,9 @@ pub struct MigrationReport {
     pub switch_from_qemu_ms: Option<f64>,
     /// Source clean-up (RA sender stopped, bridge restored, source QEMU quit).
     pub cleanup_ms: f64,
+    /// Set when undoing the preparation failed after a successful migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_error: Option<String>,
     /// QMP `migrate` until the switch was done (the migration without the
     /// preparation).
     pub migration_ms: f64,
@@ -99,7 +102,11 @@ impl fmt::Display for MigrationReport {
             f,
             "QEMU total {:.1} ms, {} bytes transferred, {} dirty-sync rounds",
             self.qemu_total_ms, self.transferred_bytes, self.dirty_sync_count
-        )
+        )?;
+        if let Some(e) = &self.cleanup_error {
+            write!(f, "\nWARNING: source clean-up incomplete: {e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -124,6 +131,7 @@ mod tests {
             switch_ms: 0.4,
             switch_from_qemu_ms: Some(0.6),
             cleanup_ms: 12.0,
+            cleanup_error: None,
             migration_ms: 667.0,
             total_ms: 1160.0,
             transferred_bytes: 1 << 20,
