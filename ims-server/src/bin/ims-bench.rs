@@ -347,6 +347,15 @@ async fn lookups(
     Ok((c1 - c0) as f64 / el)
 }
 
+/// 1-minute load average: other tenants of the machine (builds, QEMU)
+/// compete for the 2 cores and the disk; recorded to explain the figures.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn rss_mb(pid: u32) -> Result<f64, BoxErr> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = s
@@ -459,6 +468,7 @@ async fn main() -> Result<(), BoxErr> {
         None => tempfile::tempdir()?,
     };
     let env = setup(tmp.path())?;
+    let load_start = loadavg();
     let mut out = BTreeMap::<String, serde_json::Value>::new();
 
     // 1. Durable update throughput and latency.
@@ -606,6 +616,8 @@ async fn main() -> Result<(), BoxErr> {
         serde_json::json!(rss_idle.max(rss_after).round()),
     );
     out.insert("rss_bindings".into(), serde_json::json!(args.rss_bindings));
+    out.insert("loadavg_1m_start".into(), serde_json::json!(load_start));
+    out.insert("loadavg_1m_end".into(), serde_json::json!(loadavg()));
     out.insert(
         "cores".into(),
         serde_json::json!(std::thread::available_parallelism().map_or(0, |n| n.get())),
@@ -639,6 +651,8 @@ async fn main() -> Result<(), BoxErr> {
     row("lookups_unbatched_per_s", "");
     row("rss_mb_1m", "<= 300");
     row("server_load_1m_s", "");
+    row("loadavg_1m_start", "");
+    row("loadavg_1m_end", "");
     println!("wrote {}", args.out.display());
     Ok(())
 }
