@@ -471,3 +471,46 @@ fn receive_starts_incoming_qemu_from_template_with_swapped_taps() {
     wait_answers(&b, LL1, "br0", Duration::from_secs(10));
     assert!(!answers(&b, LL0, "brnu"));
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn migrate_on_a_terminal_shows_progress_and_the_phase_table() {
+    let img = GuestImage::locate().unwrap();
+    let tmp = TempDir::new();
+    let (a, b) = (host(), host());
+    let mut src = Qemu::start(&img, &spec(), Some(&a)).unwrap();
+    wait_answers(&a, LL0, "br0", Duration::from_secs(120));
+    let uri = src.migration_uri();
+    let mut dst = Qemu::start(&img, &spec().incoming(&uri), Some(&b)).unwrap();
+    dst.release_qmp().unwrap();
+    src.release_qmp().unwrap();
+    let cfg = write_config(tmp.path(), &a, &b, &uri);
+    symlink(&src.qmp_path(), &tmp.path().join("A.qmp"));
+    symlink(&dst.qmp_path(), &tmp.path().join("B.qmp"));
+    // `script` gives host-prep a terminal: the indicatif bar is drawn there.
+    let cmdline = format!(
+        "{} -c {} --site A migrate --vm {VM} --to B --no-prep",
+        host_prep_bin().display(),
+        cfg.display()
+    );
+    let out = a
+        .command("script")
+        .args(["-qefc", &cmdline, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("transferred,") && tty.contains("dirty-sync"),
+        "no progress bar:\n{tty}"
+    );
+    assert!(
+        tty.contains("total (T_ALL)") && tty.contains("(not prepared)"),
+        "{tty}"
+    );
+    wait_answers(&b, LL0, "br0", Duration::from_secs(10));
+    dst.reconnect_qmp().unwrap();
+    dst.quit().unwrap();
+}
