@@ -143,6 +143,25 @@ impl RedbStore {
             path: path.to_owned(),
             source: e,
         };
+        // The store holds every HoA's secret: only the owner may read it.
+        {
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            let io = |e: std::io::Error| open_err(redb::Error::Io(e));
+            if !path.exists() {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io)?;
+            } else if path.is_file() {
+                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
+            }
+        }
         let db = redb::Database::builder()
             .set_cache_size(cache_bytes)
             .create(path)
@@ -421,6 +440,9 @@ mod tests {
             s.commit(&[StoreOp::PutHoa(Box::new(r))], 6, 4).unwrap();
         }
         let s = RedbStore::open(&path, 1 << 20).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "store holds secrets");
         let l = s.load().unwrap();
         assert_eq!(l.hoas.len(), 2);
         assert_eq!(l.hoas[0], rec(true));
