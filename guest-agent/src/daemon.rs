@@ -86,6 +86,7 @@ enum Event {
     Notify { bytes: Vec<u8>, from: SocketAddr },
     PeerRecord(ims_client::BindingRecord),
     Status(oneshot::Sender<String>),
+    Metrics(oneshot::Sender<String>),
 }
 
 struct Iface {
@@ -378,6 +379,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         });
     }
 
+    // Prometheus text metrics (optional).
+    if let Some(addr) = cfg.agent.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(sock_err(format!("metrics listener {addr}")))?;
+        let t = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = l.accept().await {
+                let t = t.clone();
+                tokio::spawn(serve_metrics(conn, t));
+            }
+        });
+    }
+
     let timers = Timers {
         binding_lifetime_s: cfg.ims.binding_lifetime_s,
         active_metric: cfg.agent.active_metric,
@@ -454,6 +469,26 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
+/// Answers one HTTP request on the metrics port with the text exposition.
+async fn serve_metrics(mut conn: tokio::net::TcpStream, tx: mpsc::Sender<Event>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 2048];
+    // The request line is all we need; anything is answered with metrics.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+    let (otx, orx) = oneshot::channel();
+    if tx.send(Event::Metrics(otx)).await.is_err() {
+        return;
+    }
+    let Ok(body) = orx.await else { return };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
 fn nonce_seed() -> u64 {
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 8];
@@ -504,7 +539,77 @@ impl Agent {
                 let s = self.status_json();
                 let _ = tx.send(s);
             }
+            Event::Metrics(tx) => {
+                let _ = tx.send(self.metrics_text());
+            }
         }
+    }
+
+    fn metrics_text(&self) -> String {
+        let c = self.m.counters();
+        let mut s = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            s.push_str(&format!(
+                "# HELP mat6_agent_{name} {help}\n# TYPE mat6_agent_{name} counter\nmat6_agent_{name}_total {v}\n"
+            ));
+        };
+        counter("ra_accepted", "Router Advertisements used.", c.ra_accepted);
+        counter(
+            "ra_malformed",
+            "RAs dropped: source, hop limit or fragment.",
+            c.ra_malformed,
+        );
+        counter(
+            "ra_not_allowed",
+            "RAs dropped by the router allow-list.",
+            c.ra_not_allowed,
+        );
+        counter("rs_sent", "Router Solicitations sent.", c.rs_sent);
+        counter(
+            "ims_updates_sent",
+            "IMS update datagrams sent.",
+            c.ims_updates_sent,
+        );
+        counter("ims_resyncs", "Stale-seq resyncs.", c.ims_resyncs);
+        counter("ims_refused", "Updates refused by the IMS.", c.ims_refused);
+        counter(
+            "ims_timeouts",
+            "Updates unanswered through every retransmission.",
+            c.ims_timeouts,
+        );
+        counter(
+            "handovers",
+            "Handovers (including the first MoA).",
+            c.handovers,
+        );
+        counter("notifies_sent", "Peer notifications sent.", c.notifies_sent);
+        counter(
+            "notifies_given_up",
+            "Peer notifications never acknowledged.",
+            c.notifies_given_up,
+        );
+        let st = self.m.status(Instant::now());
+        s.push_str(&format!(
+            "# HELP mat6_agent_peers Peer bindings held.\n# TYPE mat6_agent_peers gauge\nmat6_agent_peers {}\n",
+            st.peers.len()
+        ));
+        s.push_str(&format!(
+            "# HELP mat6_agent_active Whether a MoA is active.\n# TYPE mat6_agent_active gauge\nmat6_agent_active {}\n",
+            u8::from(st.active_moa.is_some())
+        ));
+        if let Some(h) = st.handovers.last() {
+            s.push_str(&format!(
+                "# HELP mat6_agent_last_switch_seconds Trigger to data path switched, last handover.\n# TYPE mat6_agent_last_switch_seconds gauge\nmat6_agent_last_switch_seconds {}\n",
+                h.switch_us as f64 / 1e6
+            ));
+            if let Some(a) = h.ims_ack_us {
+                s.push_str(&format!(
+                    "# HELP mat6_agent_last_ims_ack_seconds Trigger to IMS ack, last handover.\n# TYPE mat6_agent_last_ims_ack_seconds gauge\nmat6_agent_last_ims_ack_seconds {}\n",
+                    a as f64 / 1e6
+                ));
+            }
+        }
+        s
     }
 
     fn status_json(&self) -> String {

@@ -42,6 +42,25 @@ fn shutdown_cleans_up_restart_and_crash_recover() {
     bed.start_vm();
     bed.wait_ready();
     assert!(ping_ok(&bed), "{}", bed.diag());
+    // Prometheus metrics on the configured port.
+    let metrics = bed
+        .vm
+        .run(|| {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("[::1]:9343").unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            s
+        })
+        .unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("mat6_agent_handovers_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mat6_agent_peers 1"), "{metrics}");
 
     // Clean shutdown.
     bed.vm_agent.as_mut().unwrap().stop();

@@ -573,7 +573,7 @@ impl Bed {
             ));
         }
         t.push_str(&format!(
-            "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{}\"\n",
+            "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{}\"\nmetrics_addr = \"[::1]:9343\"\n",
             self.path(&format!("{name}.sock")).display()
         ));
         let p = self.path(&format!("{name}.toml"));
