@@ -5,7 +5,11 @@
 #
 #   images/build.sh            # idempotent; results cached under images/out/
 #   MAT6_REBUILD=1 images/build.sh   # force the initramfs to be rebuilt
+#   MAT6_IMAGE_OUT=/tmp/img images/build.sh   # build elsewhere (tests: MAT6_IMAGE_DIR)
 #   MAT6_REQUIRE_AGENT=1 images/build.sh  # fail if guest-agent does not build
+#
+# guest-agent goes in from its Debian package (images/build-debs.sh), which
+# proves the package installs and runs.
 #
 # Outputs (paths printed at the end):
 #   images/out/vmlinuz          the guest kernel
@@ -19,7 +23,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
-OUT="$HERE/out"
+OUT="${MAT6_IMAGE_OUT:-$HERE/out}"
 mkdir -p "$OUT/dl"
 
 log() { printf '[images] %s\n' "$*" >&2; }
@@ -27,7 +31,7 @@ log() { printf '[images] %s\n' "$*" >&2; }
 for tool in apt-get apt-cache dpkg-deb depmod cpio gzip ldd; do
     command -v "$tool" >/dev/null || { log "missing tool: $tool"; exit 1; }
 done
-[ -x /bin/busybox ] && file -L /bin/busybox | grep -q 'statically linked' \
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 \
     || { log "need a static busybox: apt-get install busybox-static"; exit 1; }
 
 # ---------------------------------------------------------------- kernel
@@ -82,7 +86,8 @@ WANT_MODS=(
 fp_inputs() {
     printf '%s\n' "$KVER" "${WANT_MODS[*]}"
     sha256sum "$HERE/build.sh" "$HERE/guest/init" "$HERE/guest/gapstat" "$PROBE_BIN" \
-        /usr/sbin/nft /usr/bin/ping /usr/sbin/ip /bin/busybox
+        /usr/sbin/nft /usr/bin/ping /usr/sbin/ip /bin/busybox "$HERE/build-debs.sh" \
+        "$HERE/debian/guest-agent/guest-agent.toml" "$HERE/debian/guest-agent/guest-agent.service"
     [ -n "$AGENT_BIN" ] && sha256sum "$AGENT_BIN"
     true
 }
@@ -106,7 +111,7 @@ else
     # Dynamically linked tools with their libraries (ldd).
     copy_with_libs() {
         local src="$1" dst="$2"
-        cp -L "$src" "$STAGE/$dst"
+        [ "$src" -ef "$STAGE/$dst" ] || cp -L "$src" "$STAGE/$dst"
         ldd "$src" | awk '/=>/ {print $3} $1 ~ /^\/lib64\// {print $1}' | while read -r lib; do
             [ -f "$lib" ] || continue
             mkdir -p "$STAGE$(dirname "$lib")"
@@ -122,8 +127,12 @@ else
     ln -s ../usr/sbin/ip "$STAGE/bin/ip"
     copy_with_libs "$PROBE_BIN" usr/bin/mat6-probe
     if [ -n "$AGENT_BIN" ]; then
-        copy_with_libs "$AGENT_BIN" usr/bin/guest-agent
-        strip "$STAGE/usr/bin/guest-agent" 2>/dev/null || true
+        # Install the agent the normal way: from its Debian package (binary,
+        # unit, sample config), plus the shared libraries it links.
+        AGENT_DEB="$(MAT6_SKIP_CARGO=1 "$HERE/build-debs.sh" guest-agent | tail -1)"
+        dpkg-deb -x "$AGENT_DEB" "$STAGE"
+        echo "$(basename "$AGENT_DEB")" >"$STAGE/etc/mat6/agent-package"
+        copy_with_libs "$STAGE/usr/bin/guest-agent" usr/bin/guest-agent
     fi
     strip "$STAGE/usr/bin/mat6-probe" 2>/dev/null || true
     # libnftables loads nothing at run time, but nft wants these for names.

@@ -178,3 +178,32 @@ fn e2e_prep_migration_there_and_back() {
     assert_eq!(active(&legs[0]).as_deref(), Some("nic1"));
     assert_eq!(active(&legs[1]).as_deref(), Some("nic0"));
 }
+
+/// Cross-subnet migration without preparation (`host-prep migrate
+/// --no-prep`): the agent finds site B after the resume by itself.
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn e2e_noprep_migration_recovers() {
+    let img = image();
+    let t = tools();
+    assert!(
+        img.has_agent,
+        "guest image without guest-agent: rebuild with images/build.sh"
+    );
+    assert!(
+        t.mat6.is_some(),
+        "build ims-server, guest-agent and host-prep first (cargo build --workspace)"
+    );
+    let mut tb = Testbed::new(&TestbedOptions::default()).expect("testbed");
+    let r = tb
+        .run_migration(&img, &t, Mode::NoPrep, 128)
+        .expect("noprep migration A->B");
+    report(&r);
+    assert_run(&r);
+    let hp = r.host_prep.as_ref().expect("host-prep report");
+    assert_eq!(hp["mode"], "noprep", "{hp}");
+    assert_eq!(
+        hp["new_active"], "nic0",
+        "no NIC swap without preparation: {hp}"
+    );
+}

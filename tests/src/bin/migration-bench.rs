@@ -308,6 +308,21 @@ fn main() -> ExitCode {
                             "    T_DW={:.1} ms T_ALL={:.1} ms qemu_downtime={} ms udp_lost={} tcp_survived={}",
                             r.tdw_ms, r.tall_ms, r.qemu_downtime_ms, r.udp_lost, r.tcp_survived
                         );
+                        if let Some(h) = &r.host_prep {
+                            let g = |k: &str| h.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+                            eprintln!(
+                                "    host-prep {} {}->{}: preparation {:.0} ms | pre-copy {:.0} ms | QEMU downtime {:.0} ms | switch {:.1} ms | migration {:.0} ms | total {:.0} ms",
+                                h.get("mode").and_then(Value::as_str).unwrap_or("?"),
+                                h.get("from").and_then(Value::as_str).unwrap_or("?"),
+                                h.get("to").and_then(Value::as_str).unwrap_or("?"),
+                                g("prep_ms"),
+                                g("precopy_ms"),
+                                g("qemu_downtime_ms"),
+                                g("switch_ms"),
+                                g("migration_ms"),
+                                g("total_ms")
+                            );
+                        }
                         let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
                         if let Some(obj) = v.as_object_mut() {
                             obj.insert("run".into(), json!(run + 1));
