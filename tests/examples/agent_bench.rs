@@ -489,8 +489,8 @@ fn iperf(bed: &Bed, src: Ipv6Addr, dst: Ipv6Addr, secs: u32) -> f64 {
 }
 
 fn dataplane(args: &[String]) {
-    let secs: u32 = arg(args, "--secs", "4").parse().unwrap();
-    let rounds: usize = arg(args, "--rounds", "3").parse().unwrap();
+    let secs: u32 = arg(args, "--secs", "3").parse().unwrap();
+    let rounds: usize = arg(args, "--rounds", "7").parse().unwrap();
     let out = arg(args, "--out", "bench-results/dataplane.json");
     let mut bed = Bed::new(BedOptions {
         standby: false,
@@ -566,22 +566,37 @@ fn dataplane(args: &[String]) {
     }
     let t = pct(&tr, 0.5);
     let p = pct(&pl, 0.5);
+    // Each round pairs two back-to-back runs; the median of the paired
+    // ratios is less sensitive to load from other processes than the ratio
+    // of medians. Best-of figures show the ceiling of each path.
+    let ratios: Vec<f64> = tr.iter().zip(&pl).map(|(a, b)| a / b).collect();
+    let ratio = pct(&ratios, 0.5);
+    let best_t = pct(&tr, 1.0);
+    let best_p = pct(&pl, 1.0);
     let j = serde_json::json!({
         "translated_gbps": t,
         "plain_gbps": p,
-        "ratio": t / p,
+        "ratio": ratio,
+        "ratio_of_medians": t / p,
+        "translated_best_gbps": best_t,
+        "plain_best_gbps": best_p,
+        "ratio_of_best": best_t / best_p,
+        "round_ratios": ratios,
         "rounds": rounds,
         "secs_per_run": secs,
         "translated_runs_gbps": tr,
         "plain_runs_gbps": pl,
-        "method": "iperf3 TCP VM->CN over veth+bridge+2 router hops; translated = HoA<->HoA through the nft maps, plain = extra addresses on the same NICs that no agent maps (chains run, no rewrite); medians of alternating rounds",
+        "method": "iperf3 TCP VM->CN over veth+bridge+2 router hops; translated = HoA<->HoA through the nft maps, plain = extra addresses on the same NICs that no agent maps (chains run, no rewrite); medians of alternating rounds; ratio = median of per-round translated/plain",
     });
     println!();
     println!("| metric          | value  | target |");
     println!("|-----------------|--------|--------|");
     println!("| translated_gbps | {t:6.2} |        |");
     println!("| plain_gbps      | {p:6.2} |        |");
-    println!("| ratio           | {:6.3} | >= 0.95 |", t / p);
+    println!("| ratio (paired)  | {ratio:6.3} | >= 0.95 |");
+    println!("| best: transl.   | {best_t:6.2} |        |");
+    println!("| best: plain     | {best_p:6.2} |        |");
+    println!("| ratio of best   | {:6.3} |        |", best_t / best_p);
     write_json(&out, &j);
 }
 
