@@ -101,6 +101,9 @@ pub struct Config {
     /// Router Advertisement sender knobs.
     #[serde(default)]
     pub ra: RaSettings,
+    /// QEMU migration parameters `migrate` sets before starting.
+    #[serde(default)]
+    pub migration: MigrationSettings,
     /// Per-site bridges and how to reach a host of that site.
     #[serde(default)]
     pub sites: BTreeMap<String, SiteHost>,
@@ -231,6 +234,20 @@ impl Default for RaSettings {
             min_solicited_gap_ms: d_ra_min_gap(),
         }
     }
+}
+
+/// QEMU migration parameters (`migrate-set-parameters`); unset = QEMU's
+/// defaults.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSettings {
+    /// Largest downtime QEMU may plan for the stop-and-copy phase (ms;
+    /// QEMU's default is 300).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap (bytes/s; QEMU's default is 128 MiB/s in 7.2).
+    #[serde(default)]
+    pub max_bandwidth_bytes: Option<u64>,
 }
 
 /// What this host (or a host of that site) has for one site.
@@ -376,6 +393,9 @@ mod tests {
 state_dir = "/tmp/m6h-state"
 local_site = "A"
 
+[migration]
+downtime_limit_ms = 50
+
 [ims]
 control = "[2001:db8:ff::1]:7342"
 ca_cert = "/etc/mat6/ca.pem"
@@ -413,6 +433,8 @@ tap = "web1-n1"
         assert_eq!(vm.incoming, "tcp:[::]:4444");
         assert_eq!(cfg.timeouts.prepare(), Duration::from_secs(30));
         assert_eq!(cfg.ra.initial_count, 3);
+        assert_eq!(cfg.migration.downtime_limit_ms, Some(50));
+        assert_eq!(cfg.migration.max_bandwidth_bytes, None);
     }
 
     #[test]

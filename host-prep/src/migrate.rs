@@ -391,6 +391,9 @@ async fn run_migration(
         }
         let dest_start_ms = ms(t_dest.elapsed());
 
+        let m = &host.cfg.migration;
+        qmp.set_migration_parameters(m.downtime_limit_ms, m.max_bandwidth_bytes)
+            .await?;
         let _ = qmp.drain_events();
         let t_mig = Instant::now();
         qmp.migrate(&plan.uri).await?;

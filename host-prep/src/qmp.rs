@@ -201,6 +201,20 @@ impl qapi::Command for Migrate {
 impl qapi::qmp::QmpCommand for Migrate {}
 
 #[derive(Debug, Serialize)]
+struct MigrateSetParameters {
+    #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
+    downtime_limit: Option<u64>,
+    #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
+    max_bandwidth: Option<u64>,
+}
+impl qapi::Command for MigrateSetParameters {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "migrate-set-parameters";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for MigrateSetParameters {}
+
+#[derive(Debug, Serialize)]
 struct Quit {}
 impl qapi::Command for Quit {
     type Ok = qapi::Empty;
@@ -319,6 +333,24 @@ impl Qmp {
     pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
         self.run(Migrate {
             uri: uri.to_string(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `migrate-set-parameters` with the given downtime limit (ms) and
+    /// bandwidth cap (bytes/s); `None` leaves a parameter as it is.
+    pub async fn set_migration_parameters(
+        &self,
+        downtime_limit_ms: Option<u64>,
+        max_bandwidth: Option<u64>,
+    ) -> Result<(), QmpError> {
+        if downtime_limit_ms.is_none() && max_bandwidth.is_none() {
+            return Ok(());
+        }
+        self.run(MigrateSetParameters {
+            downtime_limit: downtime_limit_ms,
+            max_bandwidth,
         })
         .await
         .map(drop)

@@ -86,6 +86,9 @@ state_dir = "{dir}/state"
 start_ms = 20000
 migrate_ms = 120000
 
+[migration]
+downtime_limit_ms = 50
+
 [sites.A]
 bridge = "br0"
 standby_bridge = "brnu"
