@@ -225,23 +225,34 @@ async fn watch(
     loop {
         // Subscribe and snapshot under the index lock: the committer publishes
         // while holding the write lock, so nothing falls between the two.
-        let (mut rx, catch_up, synced) = {
+        let (mut rx, keys, synced) = {
             let Ok(ix) = shared.index.read() else {
                 return;
             };
             (
                 shared.events.subscribe(),
-                ix.catch_up(&filter, since),
+                ix.catch_up_keys(&filter, since),
                 ix.revision,
             )
         };
-        for ev in catch_up {
-            if tx
-                .send(frame(id, Response::Event { event: ev }))
-                .await
-                .is_err()
-            {
-                return;
+        // Send the catch-up in chunks, re-reading each record under a short
+        // read lock. A record changed since the snapshot is skipped here: its
+        // new revision is > `synced`, so it arrives as a live event.
+        for chunk in keys.chunks(512) {
+            let events: Vec<WatchEvent> = {
+                let Ok(ix) = shared.index.read() else {
+                    return;
+                };
+                chunk.iter().filter_map(|k| ix.catch_up_event(k)).collect()
+            };
+            for ev in events {
+                if tx
+                    .send(frame(id, Response::Event { event: ev }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
         }
         if tx

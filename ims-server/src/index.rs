@@ -312,11 +312,16 @@ impl Index {
         self.sites.remove(name).is_some()
     }
 
-    /// Events a watcher resuming after `since` (or starting fresh) needs,
-    /// sorted by revision.
-    pub fn catch_up(&self, filter: &WatchFilter, since: Option<u64>) -> Vec<WatchEvent> {
+    /// What a watcher resuming after `since` (or starting fresh) needs, as
+    /// (revision, HoA, deleted) sorted by revision: small keys only, so a
+    /// `::/0` watch over 1M bindings does not materialise 1M records at once.
+    pub fn catch_up_keys(
+        &self,
+        filter: &WatchFilter,
+        since: Option<u64>,
+    ) -> Vec<(u64, Ipv6Addr, bool)> {
         let after = since.unwrap_or(0);
-        let mut out: Vec<WatchEvent> = Vec::new();
+        let mut out = Vec::new();
         let cands: Box<dyn Iterator<Item = &Entry>> =
             if filter.prefixes.is_empty() && filter.hoas.len() < 1024 {
                 Box::new(filter.hoas.iter().filter_map(|h| self.get(h)))
@@ -325,12 +330,7 @@ impl Index {
             };
         for e in cands {
             if e.has_binding && e.revision > after && filter.matches(&e.hoa) {
-                if let Some(record) = e.record() {
-                    out.push(WatchEvent {
-                        revision: e.revision,
-                        change: WatchChange::Changed { record },
-                    });
-                }
+                out.push((e.revision, e.hoa, false));
             }
         }
         if since.is_some() {
@@ -339,16 +339,43 @@ impl Index {
                     && filter.matches(hoa)
                     && self.get(hoa).is_none_or(|e| e.revision < rev)
                 {
-                    out.push(WatchEvent {
-                        revision: rev,
-                        change: WatchChange::Deleted { hoa: *hoa },
-                    });
+                    out.push((rev, *hoa, true));
                 }
             }
         }
-        out.sort_by_key(|e| e.revision);
-        out.dedup_by_key(|e| e.revision);
+        out.sort_unstable();
+        out.dedup_by_key(|k| k.0);
         out
+    }
+
+    /// The event for a catch-up key, if that change is still the current
+    /// state (a newer change arrives as a live event instead).
+    pub fn catch_up_event(&self, key: &(u64, Ipv6Addr, bool)) -> Option<WatchEvent> {
+        let (rev, hoa, deleted) = *key;
+        if deleted {
+            let current = self.tombstones.get(&hoa) == Some(&rev)
+                && self.get(&hoa).is_none_or(|e| e.revision < rev);
+            return current.then_some(WatchEvent {
+                revision: rev,
+                change: WatchChange::Deleted { hoa },
+            });
+        }
+        let e = self.get(&hoa).filter(|e| e.revision == rev)?;
+        Some(WatchEvent {
+            revision: rev,
+            change: WatchChange::Changed {
+                record: e.record()?,
+            },
+        })
+    }
+
+    /// Events a watcher resuming after `since` (or starting fresh) needs,
+    /// sorted by revision.
+    pub fn catch_up(&self, filter: &WatchFilter, since: Option<u64>) -> Vec<WatchEvent> {
+        self.catch_up_keys(filter, since)
+            .iter()
+            .filter_map(|k| self.catch_up_event(k))
+            .collect()
     }
 }
 
@@ -406,5 +433,15 @@ mod tests {
         assert_eq!(revs, vec![4, 5, 9]);
         let fresh: Vec<u64> = ix.catch_up(&f, None).iter().map(|e| e.revision).collect();
         assert_eq!(fresh, vec![1, 3, 4, 5]);
+        // A change after the snapshot: its old catch-up key yields nothing
+        // (the new revision comes as a live event).
+        let keys = ix.catch_up_keys(&f, None);
+        ix.put(&rec(3, 12));
+        let evs: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| ix.catch_up_event(k))
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(evs, vec![1, 4, 5]);
     }
 }
