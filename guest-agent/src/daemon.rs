@@ -85,6 +85,7 @@ enum Event {
     ImsDatagram(Vec<u8>),
     Notify { bytes: Vec<u8>, from: SocketAddr },
     PeerRecord(ims_client::BindingRecord),
+    PeerDeleted(Ipv6Addr),
     Status(oneshot::Sender<String>),
     Metrics(oneshot::Sender<String>),
 }
@@ -340,10 +341,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         Some(tokio::spawn(async move {
             while let Ok(item) = w.next().await {
                 if let ims_client::WatchItem::Event(ev) = item {
-                    if let ims_client::WatchChange::Changed { record } = ev.change {
-                        if t.send(Event::PeerRecord(record)).await.is_err() {
-                            break;
-                        }
+                    let e = match ev.change {
+                        ims_client::WatchChange::Changed { record } => Event::PeerRecord(record),
+                        ims_client::WatchChange::Deleted { hoa } => Event::PeerDeleted(hoa),
+                    };
+                    if t.send(e).await.is_err() {
+                        break;
                     }
                 }
             }
@@ -533,6 +536,11 @@ impl Agent {
                 let b = peer_binding(&r.binding);
                 if self.m.handle_peer_binding(r.binding.hoa, b) {
                     tracing::info!(peer = %r.binding.hoa, active = ?r.binding.active, seq = r.binding.seq, "peer binding from IMS");
+                }
+            }
+            Event::PeerDeleted(hoa) => {
+                if self.m.remove_peer(hoa) {
+                    tracing::info!(peer = %hoa, "peer binding deleted at the IMS");
                 }
             }
             Event::Status(tx) => {

@@ -1463,6 +1463,27 @@ impl Mobility {
         true
     }
 
+    /// A peer's binding was deleted at the IMS: forget it and remove its
+    /// translation. Returns whether it was held.
+    pub fn remove_peer(&mut self, hoa: Ipv6Addr) -> bool {
+        let Some(old) = self.peers.remove(&hoa) else {
+            return false;
+        };
+        let old_moas = old
+            .active
+            .into_iter()
+            .chain(old.standby.iter().copied())
+            .collect();
+        self.actions.push_back(Action::SetPeerMaps {
+            hoa,
+            active: None,
+            moas: Vec::new(),
+            old_moas,
+            old_active: old.active,
+        });
+        true
+    }
+
     /// Whether a binding with this seq would be newer than what is held.
     pub fn peer_seq_is_newer(&self, hoa: Ipv6Addr, seq: u64) -> bool {
         hoa != self.cfg.hoa && self.peers.get(&hoa).is_none_or(|o| seq > o.seq)
@@ -2343,6 +2364,45 @@ mod tests {
         assert!(a
             .iter()
             .any(|x| matches!(x, Action::AddRoute(r) if r.ifindex == 3 && r.metric == 100)));
+    }
+
+    #[test]
+    fn deleted_peer_is_unmapped() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        assert!(!m.remove_peer(PEER));
+        m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 5,
+                expires_unix: 0,
+            },
+        );
+        drain(&mut m);
+        assert!(m.remove_peer(PEER));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::SetPeerMaps {
+                hoa: PEER,
+                active: None,
+                moas: vec![],
+                old_moas: vec![PEER_MOA],
+                old_active: Some(PEER_MOA)
+            }]
+        );
+        assert!(m.peers().is_empty());
+        // A later binding (any seq) is accepted again.
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 1,
+                expires_unix: 0
+            }
+        ));
     }
 
     #[test]
