@@ -13,6 +13,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{Job, Shared};
 
+/// Most HoAs in one `lookup_many` (bounds the response size).
+pub const MAX_LOOKUP_MANY: usize = 10_000;
+
 /// What every connection needs.
 #[derive(Debug, Clone)]
 pub struct ControlCtx {
@@ -162,6 +165,10 @@ fn read_only(req: Request, ctx: &ControlCtx) -> Response {
                 record: ix.get(&hoa).and_then(live),
             }
         }
+        Request::LookupMany { hoas } if hoas.len() > MAX_LOOKUP_MANY => err(
+            ErrorCode::BadRequest,
+            format!("lookup_many takes at most {MAX_LOOKUP_MANY} HoAs"),
+        ),
         Request::LookupMany { hoas } => {
             ctx.shared.metrics.lookups.inc_by(hoas.len() as u64);
             Response::Lookups {
