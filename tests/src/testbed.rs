@@ -36,7 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::netns::{veth_pair, ChildGuard, Netns, NetnsError};
 use crate::qemu::{GuestImage, MigrationStats, NicSpec, Qemu, QemuError, VmSpec};
@@ -85,7 +85,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestbedErro
 }
 
 /// Migration modes of the benchmark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Same-bridge migration on site A, no mat6: the baseline.
@@ -383,7 +383,7 @@ impl Default for VmIdentity {
 }
 
 /// Summary of a `ping -D` log.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PingStats {
     /// Replies received.
     pub replies: u64,
@@ -458,7 +458,7 @@ pub fn parse_gapstat(text: &str) -> Result<PingStats> {
 }
 
 /// One measured migration (a row of `bench-results/migration.json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunResult {
     /// Guest memory (MiB).
     pub mem_mb: u32,

@@ -31,6 +31,7 @@ struct Opts {
     out: PathBuf,
     chart: PathBuf,
     quick: bool,
+    from_json: Option<PathBuf>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -41,6 +42,7 @@ fn parse_opts() -> Result<Opts, String> {
         out: PathBuf::from("bench-results/migration.json"),
         chart: PathBuf::from("bench-results/migration.svg"),
         quick: false,
+        from_json: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -67,8 +69,9 @@ fn parse_opts() -> Result<Opts, String> {
             }
             "--out" => o.out = PathBuf::from(val()?),
             "--chart" => o.chart = PathBuf::from(val()?),
+            "--from-json" => o.from_json = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
-                println!("migration-bench [--quick] [--mem 128,256,512,1024] [--runs 3] [--modes lan,prep,noprep] [--out FILE.json] [--chart FILE.svg]");
+                println!("migration-bench [--quick] [--mem 128,256,512,1024] [--runs 3] [--modes lan,prep,noprep] [--out FILE.json] [--chart FILE.svg] [--from-json FILE.json (re-render the table and chart, run nothing)]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -172,6 +175,44 @@ fn print_table(mems: &[u32], c: &Cell) {
     println!(
         "(pT_* = the paper's figures; '-' = size not in the paper; 'n/a' = not measured / failed)"
     );
+    println!();
+    println!("Per mode (medians): T_DW both directions, QEMU's own figures, the VoIP-shaped UDP stream, the TCP stream");
+    println!(
+        "{:>6} {:>7} | {:>9} {:>9} {:>9} | {:>10} {:>10} | {:>8} {:>10} | {:>9}",
+        "MiB",
+        "mode",
+        "T_DW ms",
+        "CN->VM",
+        "VM->CN",
+        "QEMU down",
+        "QEMU total",
+        "UDP lost",
+        "UDP gap ms",
+        "TCP ok"
+    );
+    for &m in mems {
+        for mode in ["lan", "prep", "noprep"] {
+            let Some(runs) = c.get(&(m, mode.to_string())) else {
+                continue;
+            };
+            let med =
+                |f: &dyn Fn(&RunResult) -> f64| cell_median(c, m, mode, f).unwrap_or(f64::NAN);
+            println!(
+                "{:>6} {:>7} | {:>9.1} {:>9.1} {:>9.1} | {:>10.0} {:>10.0} | {:>8.0} {:>10.1} | {:>6}/{:<2}",
+                m,
+                mode,
+                med(&|r| r.tdw_ms),
+                med(&|r| r.ping_cn_to_vm.max_gap_ms),
+                med(&|r| r.ping_vm_to_cn.max_gap_ms),
+                med(&|r| r.qemu_downtime_ms as f64),
+                med(&|r| r.qemu_total_ms as f64),
+                med(&|r| r.udp_lost as f64),
+                med(&|r| r.udp_max_gap_ms),
+                runs.iter().filter(|r| r.tcp_survived).count(),
+                runs.len()
+            );
+        }
+    }
 }
 
 /// A small SVG line chart: T_DW and T_ALL (ms, log scale) against memory.
@@ -268,6 +309,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &o.from_json {
+        return rerender(&o, path);
+    }
     let img = match GuestImage::locate() {
         Ok(i) => i,
         Err(e) => {
@@ -339,6 +383,43 @@ fn main() -> ExitCode {
             }
         }
     }
+    finish(&o, ok, runs_json)
+}
+
+/// Re-renders the table, summary and chart of an earlier run's JSON.
+fn rerender(o: &Opts, path: &std::path::Path) -> ExitCode {
+    let doc: Value = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("migration-bench: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let runs_json: Vec<Value> = doc["runs"].as_array().cloned().unwrap_or_default();
+    let ok: Vec<RunResult> = runs_json
+        .iter()
+        .filter(|r| r.get("error").is_none())
+        .filter_map(|r| serde_json::from_value(r.clone()).ok())
+        .collect();
+    let mut mems: Vec<u32> = ok.iter().map(|r| r.mem_mb).collect();
+    mems.sort_unstable();
+    mems.dedup();
+    let o = Opts {
+        mems,
+        runs: o.runs,
+        modes: o.modes.clone(),
+        out: o.out.clone(),
+        chart: o.chart.clone(),
+        quick: o.quick,
+        from_json: None,
+    };
+    finish(&o, ok, runs_json)
+}
+
+fn finish(o: &Opts, ok: Vec<RunResult>, runs_json: Vec<Value>) -> ExitCode {
     let c = per_cell(&ok);
     let mut diffs: Vec<f64> = o
         .mems
