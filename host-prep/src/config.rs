@@ -288,6 +288,12 @@ pub struct VmConfig {
     /// File the destination QEMU's stdout/stderr go to (default: inherit).
     #[serde(default)]
     pub qemu_log: Option<PathBuf>,
+    /// This VM's own no-uplink bridge (same name on every host), instead of
+    /// the site's `standby_bridge`: needed when VMs of one host are prepared
+    /// at the same time for different sites (a bridge impersonates one
+    /// gateway at a time).
+    #[serde(default)]
+    pub standby_bridge: Option<String>,
     /// Command (argv template) that sets a NIC's link state instead of QMP
     /// `set_link`, for hypervisor managers that own the QMP socket (libvirt:
     /// `["virsh", "domif-setlink", "{vm}", "{nic}", "{state}"]`).
@@ -343,6 +349,9 @@ impl Config {
             for nic in &vm.nics {
                 check_ifname(&nic.tap)?;
             }
+            if let Some(b) = &vm.standby_bridge {
+                check_ifname(b)?;
+            }
             if vm.nics.len() == 2
                 && (vm.nics[0].id == vm.nics[1].id || vm.nics[0].tap == vm.nics[1].tap)
             {
@@ -350,6 +359,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Every tap of every configured VM: ports a no-uplink bridge may have.
+    pub fn all_taps(&self) -> Vec<&str> {
+        self.vms
+            .values()
+            .flat_map(|v| v.nics.iter().map(|n| n.tap.as_str()))
+            .collect()
     }
 }
 

@@ -49,6 +49,14 @@ impl Host {
             .ok_or_else(|| Error::UnknownLocalSite(self.site.clone()))
     }
 
+    /// The no-uplink bridge of `vm` on this host: its own, else the site's.
+    pub fn standby_bridge<'a>(&'a self, vm: &'a VmConfig) -> Result<&'a str, Error> {
+        match &vm.standby_bridge {
+            Some(b) => Ok(b),
+            None => Ok(&self.local()?.standby_bridge),
+        }
+    }
+
     /// The VM's config.
     pub fn vm(&self, name: &str) -> Result<&VmConfig, Error> {
         self.cfg
@@ -166,6 +174,11 @@ tap = "w-n1"
         );
         assert_eq!(h.incoming("web1", vm).unwrap(), "unix:/run/web1-B.mig");
         assert!(matches!(h.vm("nope"), Err(Error::UnknownVm(_))));
+        assert_eq!(h.standby_bridge(vm).unwrap(), "br-b-nu");
+        let mut own = vm.clone();
+        own.standby_bridge = Some("web1-nu".into());
+        assert_eq!(h.standby_bridge(&own).unwrap(), "web1-nu");
+        assert_eq!(h.cfg.all_taps(), ["w-n0", "w-n1"]);
     }
 
     #[test]

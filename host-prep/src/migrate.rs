@@ -113,7 +113,7 @@ pub fn plan(host: &Host, opts: &MigrateOpts) -> Result<Plan, Error> {
         mode: opts.mode,
         active: roles.active.id.clone(),
         standby: roles.standby.id.clone(),
-        standby_bridge: host.local()?.standby_bridge.clone(),
+        standby_bridge: host.standby_bridge(vm)?.to_string(),
         qmp: match &opts.qmp {
             Some(p) => p.clone(),
             None => host.qmp_path(&opts.vm, vm)?,

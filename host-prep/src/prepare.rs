@@ -164,7 +164,7 @@ pub async fn prepare<R: Registry>(
             site: to.to_string(),
         });
     }
-    let local = host.local()?;
+    let standby_bridge = host.standby_bridge(vm)?.to_string();
     let mut steps = Vec::new();
     let mut step = |name: &'static str, since: &mut Instant| {
         let now = Instant::now();
@@ -188,23 +188,24 @@ pub async fn prepare<R: Registry>(
         ra: None,
     };
     let result = async {
-        // The standby NIC's tap must be on the no-uplink bridge, alone.
-        let br = bridge::require(&undo.nl, &local.standby_bridge).await?;
+        // The standby NIC's tap must be on the no-uplink bridge, whose other
+        // ports may only be taps of VMs host-prep manages (no uplink).
+        let br = bridge::require(&undo.nl, &standby_bridge).await?;
         let ports = bridge::ports(&undo.nl, &br).await?;
         if !ports.iter().any(|p| p.name == roles.standby.tap) {
             return Err(Error::StandbyNotOnBridge {
                 vm: vm_name.to_string(),
                 nic: roles.standby.id.clone(),
                 tap: roles.standby.tap.clone(),
-                bridge: local.standby_bridge.clone(),
+                bridge: standby_bridge.clone(),
             });
         }
         let imp = bridge::impersonate_gateway(
             &undo.nl,
-            &local.standby_bridge,
+            &standby_bridge,
             site.gateway_ll,
             site.gateway_mac.0,
-            &[roles.standby.tap.as_str()],
+            &host.cfg.all_taps(),
         )
         .await?;
         let ifindex = imp.ifindex;
@@ -240,7 +241,7 @@ pub async fn prepare<R: Registry>(
                 prefix: site.prefix.to_string(),
                 standby_nic: roles.standby.id.clone(),
                 standby_moa,
-                bridge: local.standby_bridge.clone(),
+                bridge: standby_bridge.clone(),
                 steps,
                 prep_ms: ms(t0.elapsed()),
             };

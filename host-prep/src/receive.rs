@@ -165,6 +165,7 @@ pub async fn receive(
     let vm = host.vm(&opts.vm)?;
     let roles = host.roles(&opts.vm, vm, opts.active.as_deref())?;
     let local = host.local()?;
+    let standby_bridge = host.standby_bridge(vm)?.to_string();
     // `up` goes on the real bridge and is active after the migration.
     let (up, down) = match opts.attach {
         Attach::Swap => (roles.standby, roles.active),
@@ -179,7 +180,7 @@ pub async fn receive(
     let (nl, nl_task) = Netlink::connect()?;
     let attached = async {
         ensure_tap(&nl, up, &local.bridge, !opts.existing).await?;
-        ensure_tap(&nl, down, &local.standby_bridge, !opts.existing).await
+        ensure_tap(&nl, down, &standby_bridge, !opts.existing).await
     }
     .await;
     nl_task.abort();
@@ -190,7 +191,7 @@ pub async fn receive(
         let mut vars = host.base_vars(&opts.vm, vm);
         vars.insert("qmp".into(), qmp_path.display().to_string());
         vars.insert("incoming".into(), incoming.clone());
-        for (nic, br) in [(up, &local.bridge), (down, &local.standby_bridge)] {
+        for (nic, br) in [(up, &local.bridge), (down, &standby_bridge)] {
             vars.insert(format!("tap:{}", nic.id), nic.tap.clone());
             vars.insert(format!("bridge:{}", nic.id), br.clone());
         }

@@ -146,6 +146,7 @@ mod tests {
             qemu_command: vec![],
             qemu_log: None,
             link_command: vec![],
+            standby_bridge: None,
         }
     }
 

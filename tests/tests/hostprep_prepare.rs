@@ -450,6 +450,22 @@ fn prepare_errors_exit_nonzero_name_the_problem_and_leave_nothing() {
         1,
         "has port m6hup0",
     );
+    // The same port as another managed VM's tap is no uplink: preparation
+    // goes on (and here times out, no agent runs).
+    let two_vms = hb.config(|t| {
+        format!(
+            "{}{}",
+            t.replace("prepare_ms = 15000", "prepare_ms = 1000"),
+            "[vms.vm2]\nqmp = \"/nonexistent\"\nhoa = \"2001:db8:ff::9\"\n[[vms.vm2.nics]]\nid = \"n0\"\ntap = \"m6hup1\"\n[[vms.vm2.nics]]\nid = \"n1\"\ntap = \"m6hup0\"\n"
+        )
+    });
+    check(
+        "bridge shared with another VM's standby tap",
+        &two_vms,
+        &[&prep[..], &["B"]].concat(),
+        3,
+        "timed out",
+    );
     hb.bed.sw.link_del("m6hup0").unwrap();
     assert_eq!(hb.brx(), before);
 }
