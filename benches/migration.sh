@@ -7,9 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" = 0 ] || { echo "migration bench: needs root" >&2; exit 1; }
-cargo build --release -p mat6-tests --bin migration-bench --bin mat6-probe >&2
-cargo build --release -p guest-agent -p host-prep -p ims-server >&2 || \
-    echo "migration bench: agent/host-prep/ims-server did not build; cross-subnet modes will fail" >&2
+cargo build --release -p ims-server -p guest-agent -p host-prep \
+    -p mat6-tests --bin migration-bench --bin mat6-probe >&2
 images/build.sh >/dev/null
+# Run private copies: a rebuild of target/ during the (long) run must not
+# swap binaries under it.
+BIN="$(mktemp -d /tmp/m6e-bench-bin.XXXXXX)"
+trap 'rm -rf "$BIN"' EXIT
+cp target/release/{ims-server,guest-agent,host-prep,migration-bench,mat6-probe} "$BIN/"
 mkdir -p bench-results
-exec target/release/migration-bench --out bench-results/migration.json --chart bench-results/migration.svg "$@"
+"$BIN/migration-bench" --out bench-results/migration.json --chart bench-results/migration.svg "$@"
