@@ -2442,3 +2442,154 @@ mod tests {
         })));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Up(u32),
+        Down(u32),
+        Notify(u32),
+        Ra(u32, u8, u8, u16),
+        Ack,
+        Stale(u64),
+        Wait(u16),
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (2u32..4).prop_map(Ev::Up),
+            (2u32..4).prop_map(Ev::Down),
+            (2u32..4).prop_map(Ev::Notify),
+            (
+                2u32..4,
+                0u8..4,
+                0u8..3,
+                prop_oneof![Just(0u16), Just(3), Just(1800)]
+            )
+                .prop_map(|(i, r, p, l)| Ev::Ra(i, r, p, l)),
+            Just(Ev::Ack),
+            (0u64..5).prop_map(Ev::Stale),
+            (0u16..5000).prop_map(Ev::Wait),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        /// Whatever happens: at most one active MoA, never also a standby;
+        /// addresses added and removed balance out after shutdown; the MoA
+        /// of an interface is always its own EUI-64 in an RA prefix.
+        #[test]
+        fn invariants_hold(evs in proptest::collection::vec(ev(), 1..60)) {
+            let key = UpdateKey { key_id: 1, secret: [9; 32] };
+            let routers = [
+                Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xa),
+                Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xb),
+                Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x666),
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+            ];
+            let prefixes = [
+                Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 0),
+                Ipv6Addr::new(0x2001, 0xdb8, 0xb, 0, 0, 0, 0, 0),
+                Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0),
+            ];
+            let macs = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]];
+            let mut m = Mobility::new(MobilityConfig {
+                hoa: Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1),
+                key: key.clone(),
+                ifaces: vec![
+                    IfaceConfig { ifindex: 2, name: "eth0".into(), mac: macs[0], role: Role::Primary, allowed_routers: vec![] },
+                    IfaceConfig { ifindex: 3, name: "eth1".into(), mac: macs[1], role: Role::Secondary, allowed_routers: routers[..2].to_vec() },
+                ],
+                peer_prefixes: vec![],
+                initial_seq: 100,
+                nonce_seed: 0,
+                timers: Timers::default(),
+            });
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut addrs: BTreeSet<(u32, Ipv6Addr)> = BTreeSet::new();
+            let mut last_update: Option<ImsUpdate> = None;
+            let mut seqs: Vec<u64> = Vec::new();
+            for e in evs {
+                match e {
+                    Ev::Up(i) => m.handle_link(i, LinkEvent::CarrierUp, now),
+                    Ev::Down(i) => m.handle_link(i, LinkEvent::CarrierDown, now),
+                    Ev::Notify(i) => m.handle_link(i, LinkEvent::NotifyPeers, now),
+                    Ev::Ra(i, r, p, l) => {
+                        let ra = RaInput {
+                            src: routers[usize::from(r)],
+                            src_mac: Some([2, 0, 0, 0, 9, r]),
+                            hop_limit: 255,
+                            fragmented: false,
+                            router_lifetime_s: l,
+                            prefixes: vec![RaPrefix { prefix: prefixes[usize::from(p)], prefix_len: 64, valid_lifetime_s: 3600 }],
+                        };
+                        let v = m.handle_ra(i, &ra, now);
+                        if r >= 2 && i == 3 { prop_assert_ne!(v, RaVerdict::Accepted); }
+                        if r == 3 { prop_assert_eq!(v, RaVerdict::Malformed); }
+                    }
+                    Ev::Ack => {
+                        if let Some(u) = &last_update {
+                            let ack = crate::update::AckRepr {
+                                status: crate::update::AckStatus::Accepted,
+                                key_id: 1, seq: u.seq, last_accepted_seq: u.seq,
+                                hoa: m.hoa(), assertion: Some(vec![1]),
+                            };
+                            m.handle_ims_datagram(&ack.to_vec(&key.hmac_key()).unwrap(), now);
+                        }
+                    }
+                    Ev::Stale(d) => {
+                        if let Some(u) = &last_update {
+                            let ack = crate::update::AckRepr {
+                                status: crate::update::AckStatus::StaleSeq,
+                                key_id: 1, seq: u.seq, last_accepted_seq: u.seq + d,
+                                hoa: m.hoa(), assertion: None,
+                            };
+                            m.handle_ims_datagram(&ack.to_vec(&key.hmac_key()).unwrap(), now);
+                        }
+                    }
+                    Ev::Wait(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        m.handle_timeout(now);
+                    }
+                }
+                while let Some(a) = m.poll_action() {
+                    match a {
+                        Action::AddMoa { ifindex, moa, .. } => {
+                            let mac = macs[(ifindex - 2) as usize];
+                            prop_assert_eq!(&moa.octets()[8..], &eui64(mac)[..]);
+                            prop_assert!(prefixes.contains(&mask64(moa)));
+                            addrs.insert((ifindex, moa));
+                        }
+                        Action::RemoveMoa { ifindex, moa, .. } => { addrs.remove(&(ifindex, moa)); }
+                        Action::SendImsUpdate(u) => {
+                            if seqs.last() != Some(&u.seq) { seqs.push(u.seq); }
+                            prop_assert!(u.active.is_some() || !u.standby.is_empty());
+                            last_update = Some(u);
+                        }
+                        _ => {}
+                    }
+                }
+                let act = m.active_moa();
+                prop_assert!(!m.standby_moas().iter().any(|s| Some(*s) == act));
+                // Every MoA the machine holds is on the interface.
+                for (i, moa) in m.own_moas() {
+                    prop_assert!(addrs.contains(&(i, moa)));
+                }
+            }
+            // New updates always carry a larger seq than the previous one.
+            prop_assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{:?}", seqs);
+            m.shutdown();
+            while let Some(a) = m.poll_action() {
+                if let Action::RemoveMoa { ifindex, moa, .. } = a { addrs.remove(&(ifindex, moa)); }
+            }
+            prop_assert!(addrs.is_empty(), "left behind: {:?}", addrs);
+        }
+    }
+}
