@@ -848,12 +848,15 @@ pub fn pattern(i: u64) -> u8 {
 }
 
 impl TcpStream {
+    /// `paced`: 1000 bytes every 2 ms; otherwise as fast as the receiver
+    /// (which checks every byte) takes them.
     pub fn start(
         server_ns: &Netns,
         server: Ipv6Addr,
         client_ns: &Netns,
         client: Ipv6Addr,
         port: u16,
+        paced: bool,
     ) -> TcpStream {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -907,7 +910,11 @@ impl TcpStream {
                     .await
                     .map_err(|e| format!("write after {pos} bytes: {e}"))?;
                 pos += chunk;
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                if paced {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
             }
             s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
             Ok(pos)
