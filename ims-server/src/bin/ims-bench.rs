@@ -347,6 +347,20 @@ async fn lookups(
     Ok((c1 - c0) as f64 / el)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_s(pid: u32) -> f64 {
+    let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" that closes the command name: state is field 3,
+    // utime 14 and stime 15 (1-based) => indices 11 and 12 here.
+    let rest = st.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ (clock ticks per second in /proc) is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// 1-minute load average: other tenants of the machine (builds, QEMU)
 /// compete for the 2 cores and the disk; recorded to explain the figures.
 fn loadavg() -> f64 {
@@ -486,14 +500,28 @@ async fn main() -> Result<(), BoxErr> {
     for n in [1usize, 8, 64] {
         let mut r = 0.0f64;
         let (mut m0, mut m1) = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0));
+        let mut cpu = (0.0, 0.0);
         for _ in 0..args.reps.max(1) {
             let a = commit_stats(&srv).await;
+            let (s0, c0) = (cpu_s(srv.child.id()), cpu_s(std::process::id()));
             let x = throughput(&srv, &keys[..n], args.secs).await?;
+            let (s1, c1) = (cpu_s(srv.child.id()), cpu_s(std::process::id()));
             let b = commit_stats(&srv).await;
             if x > r {
                 (r, m0, m1) = (x, a, b);
+                // CPU per committed update (the whole phase incl. warm-up).
+                let done = (b.1 - a.1).max(1.0);
+                cpu = ((s1 - s0) / done * 1e6, (c1 - c0) / done * 1e6);
             }
         }
+        out.insert(
+            format!("server_cpu_us_per_update_{n}_clients"),
+            serde_json::json!(cpu.0.round()),
+        );
+        out.insert(
+            format!("client_cpu_us_per_update_{n}_clients"),
+            serde_json::json!(cpu.1.round()),
+        );
         let batches = m1.0 - m0.0;
         let (avg_batch, avg_ms) = if batches > 0.0 {
             ((m1.1 - m0.1) / batches, (m1.2 - m0.2) / batches * 1000.0)
@@ -642,6 +670,8 @@ async fn main() -> Result<(), BoxErr> {
     row("updates_per_s_1_clients", "");
     row("updates_per_s_8_clients", "");
     row("updates_per_s_64_clients", "");
+    row("server_cpu_us_per_update_64_clients", "");
+    row("client_cpu_us_per_update_64_clients", "");
     row("avg_commit_batch", "");
     row("avg_commit_ms", "");
     row("update_p50_ms", "");
