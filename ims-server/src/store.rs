@@ -249,8 +249,10 @@ impl BindingStore for RedbStore {
         let tx = self.db.begin_write().map_err(|x| e(x.into()))?;
         {
             let mut hoas = tx.open_table(HOAS).map_err(|x| e(x.into()))?;
-            let mut tomb = tx.open_table(TOMBSTONES).map_err(|x| e(x.into()))?;
-            let mut sites = tx.open_table(SITES).map_err(|x| e(x.into()))?;
+            // Only the hoas table is touched by plain updates; the others
+            // are opened when an operation needs them (less work per commit).
+            let mut tomb = None;
+            let mut sites = None;
             let mut buf = Vec::with_capacity(256);
             for op in ops {
                 match op {
@@ -262,20 +264,34 @@ impl BindingStore for RedbStore {
                     }
                     StoreOp::DeleteHoa { hoa, revision } => {
                         hoas.remove(&hoa.octets()[..]).map_err(|x| e(x.into()))?;
-                        tomb.insert(&hoa.octets()[..], *revision)
-                            .map_err(|x| e(x.into()))?;
+                        if tomb.is_none() {
+                            tomb = Some(tx.open_table(TOMBSTONES).map_err(|x| e(x.into()))?);
+                        }
+                        if let Some(t) = tomb.as_mut() {
+                            t.insert(&hoa.octets()[..], *revision)
+                                .map_err(|x| e(x.into()))?;
+                        }
                     }
-                    StoreOp::PutSite(s) => {
-                        let j = serde_json::to_string(s).map_err(|_| StoreError::Corrupt {
+                    StoreOp::PutSite(site) => {
+                        let j = serde_json::to_string(site).map_err(|_| StoreError::Corrupt {
                             path: self.path.clone(),
                             what: "site encode",
                         })?;
-                        sites
-                            .insert(s.name.as_str(), j.as_str())
-                            .map_err(|x| e(x.into()))?;
+                        if sites.is_none() {
+                            sites = Some(tx.open_table(SITES).map_err(|x| e(x.into()))?);
+                        }
+                        if let Some(t) = sites.as_mut() {
+                            t.insert(site.name.as_str(), j.as_str())
+                                .map_err(|x| e(x.into()))?;
+                        }
                     }
                     StoreOp::RemoveSite(n) => {
-                        sites.remove(n.as_str()).map_err(|x| e(x.into()))?;
+                        if sites.is_none() {
+                            sites = Some(tx.open_table(SITES).map_err(|x| e(x.into()))?);
+                        }
+                        if let Some(t) = sites.as_mut() {
+                            t.remove(n.as_str()).map_err(|x| e(x.into()))?;
+                        }
                     }
                 }
             }
