@@ -36,8 +36,14 @@ done
 
 # ---------------------------------------------------------------- kernel
 META=linux-image-cloud-amd64
-KPKG="${MAT6_KERNEL_PKG:-$(apt-cache depends "$META" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')}"
-[ -n "$KPKG" ] || { log "cannot resolve $META (run apt-get update)"; exit 1; }
+resolve_kernel() { apt-cache depends "$META" 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
+KPKG="${MAT6_KERNEL_PKG:-$(resolve_kernel)}"
+if [ -z "$KPKG" ]; then
+    log "$META unknown to apt: running apt-get update"
+    apt-get update -qq >&2 || true
+    KPKG="$(resolve_kernel)"
+fi
+[ -n "$KPKG" ] || { log "cannot resolve $META (apt sources?)"; exit 1; }
 KVER="${KPKG#linux-image-}"
 KROOT="$OUT/kernel-$KVER"
 if [ ! -f "$KROOT/.done" ]; then

@@ -9,15 +9,24 @@ use std::path::{Path, PathBuf};
 use mat6_tests::qemu::GuestImage;
 use mat6_tests::testbed::{Mat6Bins, Mode, RunResult, Testbed, TestbedOptions, Tools};
 
-/// The host-side binaries: mat6-probe from this package, ims-server,
-/// guest-agent and host-prep from the same target dir (`./test.sh` builds
-/// the workspace first).
+/// The host-side binaries: mat6-probe from this package; ims-server,
+/// guest-agent and host-prep from `target/release` (what `./test.sh` builds
+/// before the guest image, so host and guest run the same agent), else from
+/// this profile's dir.
 fn tools() -> Tools {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let release = profile_dir.parent().map(|t| t.join("release"));
+    let mat6 = release
+        .as_deref()
+        .and_then(Mat6Bins::in_dir)
+        .or_else(|| Mat6Bins::in_dir(&profile_dir));
+    if let Some(m) = &mat6 {
+        println!("mat6 binaries: {}", m.host_prep.parent().unwrap().display());
+    }
     Tools {
         probe: PathBuf::from(env!("CARGO_BIN_EXE_mat6-probe")),
-        mat6: Mat6Bins::in_dir(&dir),
+        mat6,
     }
 }
 
