@@ -814,4 +814,82 @@ mod tests {
         assert!(c.poll_timeout().is_none());
         assert!(c.poll_transmit(t0 + Duration::from_secs(9)).is_none());
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn addr() -> impl Strategy<Value = Ipv6Addr> {
+            any::<u128>().prop_map(Ipv6Addr::from)
+        }
+
+        fn update() -> impl Strategy<Value = UpdateRepr> {
+            (
+                any::<u32>(),
+                any::<u64>(),
+                addr(),
+                any::<u32>(),
+                any::<bool>(),
+                proptest::option::of(addr()),
+                proptest::collection::vec(addr(), 0..=MAX_STANDBY),
+            )
+                .prop_map(
+                    |(key_id, seq, hoa, lifetime_s, activate, active, standby)| UpdateRepr {
+                        key_id,
+                        seq,
+                        hoa,
+                        lifetime_s,
+                        activate,
+                        active,
+                        standby,
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn update_emit_parse_round_trip(r in update(), secret in any::<[u8; 32]>()) {
+                let k = UpdateKey { key_id: r.key_id, secret }.hmac_key();
+                let bytes = r.to_vec(&k).unwrap();
+                prop_assert_eq!(bytes.len(), r.buffer_len());
+                prop_assert_eq!(UpdateRepr::parse_verified(&bytes, &k).unwrap(), r);
+            }
+
+            #[test]
+            fn ack_emit_parse_round_trip(
+                status in any::<u8>(),
+                seq in any::<u64>(),
+                last in any::<u64>(),
+                hoa in addr(),
+                assertion in proptest::option::of(
+                    proptest::collection::vec(any::<u8>(), 1..crate::assertion::MAX_LEN)
+                ),
+            ) {
+                let k = key().hmac_key();
+                let a = AckRepr {
+                    status: AckStatus::from_u8(status),
+                    key_id: 9,
+                    seq,
+                    last_accepted_seq: last,
+                    hoa,
+                    assertion,
+                };
+                let bytes = a.to_vec(&k).unwrap();
+                prop_assert_eq!(AckRepr::parse_verified(&bytes, &k).unwrap(), a);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let k = key().hmac_key();
+                if let Ok(p) = UpdatePacket::new_checked(&data) {
+                    let r = UpdateRepr::parse(&p);
+                    prop_assert_eq!(r.buffer_len(), data.len());
+                    prop_assert!(p.verify(&k).is_err());
+                }
+                if let Ok(p) = AckPacket::new_checked(&data) {
+                    prop_assert_eq!(AckRepr::parse(&p).buffer_len(), data.len());
+                }
+            }
+        }
+    }
 }
