@@ -42,6 +42,22 @@ fn shutdown_cleans_up_restart_and_crash_recover() {
     bed.start_vm();
     bed.wait_ready();
     assert!(ping_ok(&bed), "{}", bed.diag());
+    // The human-readable status.
+    let out = std::process::Command::new(bin("guest-agent"))
+        .args(["status", "--socket"])
+        .arg(bed.path("vm.sock"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("HoA:            {VM_HOA}")),
+        "{text}"
+    );
+    assert!(text.contains("eth0       primary   active"), "{text}");
+    assert!(text.contains("eth1       secondary standby"), "{text}");
+    assert!(text.contains(&CN_HOA.to_string()), "{text}");
+    assert!(text.contains("initial"), "{text}");
     // Prometheus metrics on the configured port.
     let metrics = bed
         .vm
