@@ -12,6 +12,8 @@
 //! * [`ControlClient`] — the TLS 1.3 control channel: lookups (pipelined:
 //!   clone the client and issue requests concurrently), site registry,
 //!   IMS public key, admin operations (with [`ControlClient::with_admin_token`]).
+//!   A client whose connection died fails every request with
+//!   [`ClientError::Closed`] ([`ControlClient::is_closed`]); connect again.
 //!   [`Watch`] is a watch stream on its own connection that reconnects by
 //!   itself and resumes from the last revision it saw, so no binding change is
 //!   missed across reconnects.
@@ -539,7 +541,8 @@ impl ControlClient {
         }
     }
 
-    /// Many bindings in one round trip (same order as `hoas`).
+    /// Many bindings in one round trip (same order as `hoas`; at most
+    /// 10,000 per call, the server refuses more).
     pub async fn lookup_many(
         &self,
         hoas: Vec<Ipv6Addr>,
