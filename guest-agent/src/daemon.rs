@@ -431,7 +431,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
 
     // Current link state.
-    for (ifindex, _) in agent.ifaces.iter().map(|(k, v)| (*k, v.cfg.name.clone())) {
+    let managed: Vec<u32> = agent.ifaces.keys().copied().collect();
+    for ifindex in managed {
         let l = agent.nl.link_by_index(ifindex).await?;
         if l.carrier && l.admin_up {
             agent
