@@ -13,6 +13,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{Job, Shared};
 
+/// Longest a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most HoAs in one `lookup_many` (bounds the response size).
 pub const MAX_LOOKUP_MANY: usize = 10_000;
 
@@ -39,9 +42,12 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: ControlCtx
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            match acceptor.accept(tcp).await {
-                Ok(tls) => connection(tls, ctx).await,
-                Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            // A peer that never finishes the handshake must not hold a task.
+            let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            match hs {
+                Ok(Ok(tls)) => connection(tls, ctx).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
