@@ -30,7 +30,7 @@ struct Args {
     secs: u64,
     /// Repetitions of each throughput measurement (the best is reported:
     /// other tenants of the machine add noise, never speed).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Bindings for the RSS measurement.
     #[arg(long, default_value_t = 1_000_000)]
