@@ -208,3 +208,24 @@ pub async fn drain(sock: &tokio::net::UdpSocket, wait: Duration) -> Vec<Vec<u8>>
     }
     out
 }
+
+/// Receives `n` datagrams (waiting up to `timeout` for them), then keeps
+/// listening `linger` longer so that unexpected extra replies are caught.
+pub async fn recv_n(
+    sock: &tokio::net::UdpSocket,
+    n: usize,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await {
+            Ok(Ok((len, _))) => out.push(buf[..len].to_vec()),
+            _ => break,
+        }
+    }
+    out.extend(drain(sock, linger).await);
+    out
+}
