@@ -158,6 +158,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             json,
         } => {
             let vmc = host.vm(&vm)?;
+            let lock = prepare::lock_for(&host, &vm)?;
             let t0 = std::time::Instant::now();
             let reg = ImsRegistry::connect(host.cfg.ims.as_ref(), host.cfg.timeouts.ims()).await?;
             tracing::debug!(elapsed = ?t0.elapsed(), "IMS connected");
@@ -174,7 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             };
             tracing::debug!(elapsed = ?t0.elapsed(), "link control ready");
             let prepared = tokio::select! {
-                p = prepare::prepare(&host, &reg, &link, &vm, &to, active.as_deref()) => p?,
+                p = prepare::prepare(&host, &reg, &link, &vm, &to, active.as_deref(), lock) => p?,
                 _ = shutdown_signal() => return Err(Error::Interrupted),
             };
             if json {

@@ -70,6 +70,14 @@ pub enum Error {
         /// QMP error.
         source: Box<QmpError>,
     },
+    /// Another host-prep holds the bridge (a preparation is in progress).
+    #[error("bridge {bridge} is being prepared by another host-prep (lock {lock}); a bridge impersonates one gateway at a time")]
+    BridgeBusy {
+        /// Bridge.
+        bridge: String,
+        /// Lock file.
+        lock: PathBuf,
+    },
     /// A NIC id the VM's config does not list.
     #[error("vm {vm} has no NIC {nic:?} in the config")]
     UnknownNic {

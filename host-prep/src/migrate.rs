@@ -321,21 +321,25 @@ pub async fn migrate<R: Registry>(
     let plan = plan(host, opts)?;
     let vm = host.vm(&opts.vm)?;
     let roles = host.roles(&opts.vm, vm, opts.active.as_deref())?;
+    let lock = match opts.mode {
+        Mode::Prep => Some(prepare::lock_for(host, &opts.vm)?),
+        Mode::Noprep => None,
+    };
     let qmp = Qmp::connect(&plan.qmp).await?;
 
-    let prepared = match (opts.mode, reg) {
-        (Mode::Prep, Some(reg)) => {
+    let prepared = match (lock, reg) {
+        (Some(lock), Some(reg)) => {
             let link = match vm.link_command.as_slice() {
                 [] => LinkControl::Qmp(&qmp),
                 argv => LinkControl::Command { vm: &opts.vm, argv },
             };
-            let p = prepare::prepare(host, reg, &link, &opts.vm, &opts.to, opts.active.as_deref())
-                .await?;
+            let active = opts.active.as_deref();
+            let p = prepare::prepare(host, reg, &link, &opts.vm, &opts.to, active, lock).await?;
             tracing::info!("{}", p.readiness);
             Some(p)
         }
-        (Mode::Prep, None) => return Err(crate::ims::ImsError::NotConfigured.into()),
-        (Mode::Noprep, _) => None,
+        (Some(_), None) => return Err(crate::ims::ImsError::NotConfigured.into()),
+        (None, _) => None,
     };
     let prep_ms = ms(t0.elapsed());
 

@@ -14,6 +14,8 @@ use std::time::Instant;
 use mat6_net::bridge::{self, Impersonation};
 use mat6_net::netlink::Netlink;
 use mat6_proto::binding::SiteInfo;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
@@ -68,6 +70,8 @@ pub struct Prepared {
 
 #[derive(Debug)]
 struct Undo {
+    /// Exclusive lock on the bridge, held until the bridge is restored.
+    lock: Option<BridgeLock>,
     nl: Netlink,
     nl_task: JoinHandle<()>,
     imp: Option<Impersonation>,
@@ -93,6 +97,7 @@ impl Undo {
             }
         }
         self.nl_task.abort();
+        self.lock = None;
         first.map_or(Ok(()), Err)
     }
 }
@@ -146,6 +151,42 @@ impl Prepared {
     }
 }
 
+/// Take the exclusive lock of `bridge` (a file under the state directory;
+/// released when the file is closed, also when the process dies).
+pub fn lock_bridge(state_dir: &std::path::Path, bridge: &str) -> Result<BridgeLock, Error> {
+    let out = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Output { path, source }
+    };
+    std::fs::create_dir_all(state_dir).map_err(out(state_dir))?;
+    let path = state_dir.join(format!("bridge-{bridge}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(out(&path))?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, Errno::EWOULDBLOCK)) => Err(Error::BridgeBusy {
+            bridge: bridge.to_string(),
+            lock: path,
+        }),
+        Err((_, e)) => Err(out(&path)(std::io::Error::from(e))),
+    }
+}
+
+/// The exclusive lock of a no-uplink bridge (see [`lock_for`]).
+pub type BridgeLock = Flock<std::fs::File>;
+
+/// Take the lock of `vm_name`'s no-uplink bridge on this host. Call it
+/// before connecting to QMP, so that a second preparation fails at once
+/// instead of waiting for a QMP socket the first one holds.
+pub fn lock_for(host: &Host, vm_name: &str) -> Result<BridgeLock, Error> {
+    let vm = host.vm(vm_name)?;
+    lock_bridge(&host.cfg.state_dir, host.standby_bridge(vm)?)
+}
+
 /// Prepare `vm_name` on this host for a migration to site `to`.
 pub async fn prepare<R: Registry>(
     host: &Host,
@@ -154,6 +195,7 @@ pub async fn prepare<R: Registry>(
     vm_name: &str,
     to: &str,
     active: Option<&str>,
+    lock: BridgeLock,
 ) -> Result<Prepared, Error> {
     let t0 = Instant::now();
     let vm = host.vm(vm_name)?;
@@ -182,6 +224,7 @@ pub async fn prepare<R: Registry>(
 
     let (nl, nl_task) = Netlink::connect()?;
     let mut undo = Undo {
+        lock: Some(lock),
         nl,
         nl_task,
         imp: None,
@@ -271,5 +314,24 @@ impl std::fmt::Display for Readiness {
             writeln!(f, "  {:<22} {:>10.1} ms", s.name, s.ms)?;
         }
         write!(f, "  {:<22} {:>10.1} ms", "preparation total", self.prep_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn one_preparation_per_bridge() {
+        let d = tempfile::tempdir().unwrap();
+        let held = lock_bridge(d.path(), "brnu").unwrap();
+        let err = lock_bridge(d.path(), "brnu").unwrap_err();
+        assert!(matches!(err, Error::BridgeBusy { .. }), "{err}");
+        assert!(err.to_string().contains("brnu"));
+        // Another bridge is independent; the lock goes with the file.
+        let _other = lock_bridge(d.path(), "brnu2").unwrap();
+        drop(held);
+        lock_bridge(d.path(), "brnu").unwrap();
     }
 }

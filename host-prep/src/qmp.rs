@@ -87,6 +87,9 @@ fn qemu_time(ev: &qapi::qmp::Event) -> Option<SystemTime> {
 
 type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
 
+/// How long a connected QMP socket may take to greet.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A negotiated QMP connection.
 pub struct Qmp {
     path: PathBuf,
@@ -260,8 +263,23 @@ impl Qmp {
             path: path.to_path_buf(),
             source,
         };
-        let negotiation = QmpStreamTokio::open_uds(path).await.map_err(connect_err)?;
-        let stream = negotiation.negotiate().await.map_err(connect_err)?;
+        // QEMU serves one QMP client at a time: while another is connected,
+        // the greeting never comes. Do not wait for it forever.
+        let handshake = async {
+            let negotiation = QmpStreamTokio::open_uds(path).await?;
+            negotiation.negotiate().await
+        };
+        let stream = match tokio::time::timeout(GREETING_TIMEOUT, handshake).await {
+            Ok(r) => r.map_err(connect_err)?,
+            Err(_) => {
+                return Err(connect_err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no QMP greeting within {GREETING_TIMEOUT:?} (is another QMP client connected?)"
+                    ),
+                )))
+            }
+        };
         let (service, mut events) = stream.into_parts();
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {
@@ -517,6 +535,27 @@ mod tests {
         .to_string();
         assert!(err.contains("no such interface"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_never_greets_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.qmp");
+        // Accepts (the kernel does, from the backlog) but never greets, like
+        // QEMU while another QMP client is connected.
+        let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let t = Instant::now();
+        let err = Qmp::connect(&path).await.unwrap_err().to_string();
+        assert!(
+            err.contains("no QMP greeting") && err.contains("busy.qmp"),
+            "{err}"
+        );
+        assert!(t.elapsed() >= GREETING_TIMEOUT);
+        let err = Qmp::connect(&dir.path().join("none.qmp"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot connect to QMP socket"), "{err}");
     }
 
     #[test]

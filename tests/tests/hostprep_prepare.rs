@@ -356,6 +356,18 @@ fn prepare_impersonates_gateway_waits_for_standby_and_undoes_on_sigterm() {
     );
     assert!(rd.to_lowercase().contains(&mac_str(RB_MAC)), "{rd}");
 
+    // A second preparation of the same bridge is refused while this one
+    // holds it, and changes nothing.
+    let held = hb.brx();
+    let o = hb.run(&cfg, &["prepare", "--vm", "vm", "--to", "B"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("being prepared by another host-prep"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(hb.brx(), held);
+
     // SIGTERM undoes everything.
     p.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
