@@ -272,9 +272,18 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 ),
                 Mode::Noprep => None,
             };
+            // A signal asks the migration to stop; its future then finishes
+            // by itself (cancel + clean-up, or switch when already done).
+            let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+            let run = migrate::migrate(&host, reg.as_ref(), &opts, cancel_rx);
+            tokio::pin!(run);
             let report = tokio::select! {
-                r = migrate::migrate(&host, reg.as_ref(), &opts) => r?,
-                _ = shutdown_signal() => return Err(Error::Interrupted),
+                r = &mut run => r?,
+                _ = shutdown_signal() => {
+                    tracing::warn!("signal: stopping the migration");
+                    let _ = cancel_tx.send(true);
+                    run.await?
+                }
             };
             if json {
                 print_line(&json_line(&report));

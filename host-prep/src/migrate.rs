@@ -8,7 +8,14 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// Resolves once `cancel` is (or becomes) true; never if the sender is gone.
+async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    if cancel.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 
 use crate::error::Error;
 use crate::host::Host;
@@ -312,10 +319,16 @@ fn show(pb: Option<&ProgressBar>, info: &MigrateInfo) {
 }
 
 /// Run the migration.
+///
+/// `cancel` turning `true` (SIGINT/SIGTERM in the CLI) stops it: during the
+/// preparation (undone), or during the pre-copy with QMP `migrate_cancel`
+/// (the VM stays at the source, the destination is told to stop). Once QEMU
+/// reported the migration completed, the switch and clean-up run to the end.
 pub async fn migrate<R: Registry>(
     host: &Host,
     reg: Option<&R>,
     opts: &MigrateOpts,
+    mut cancel: watch::Receiver<bool>,
 ) -> Result<MigrationReport, Error> {
     let t0 = Instant::now();
     let plan = plan(host, opts)?;
@@ -334,7 +347,12 @@ pub async fn migrate<R: Registry>(
                 argv => LinkControl::Command { vm: &opts.vm, argv },
             };
             let active = opts.active.as_deref();
-            let p = prepare::prepare(host, reg, &link, &opts.vm, &opts.to, active, lock).await?;
+            let prep = prepare::prepare(host, reg, &link, &opts.vm, &opts.to, active, lock);
+            // Dropping the preparation undoes it (Prepared's safety net).
+            let p = tokio::select! {
+                p = prep => p?,
+                _ = cancelled(&mut cancel) => return Err(Error::Interrupted),
+            };
             tracing::info!("{}", p.readiness);
             Some(p)
         }
@@ -343,7 +361,7 @@ pub async fn migrate<R: Registry>(
     };
     let prep_ms = ms(t0.elapsed());
 
-    let result = run_migration(host, &plan, qmp, opts, t0).await;
+    let result = run_migration(host, &plan, qmp, opts, t0, &cancel).await;
     let cleanup_start = Instant::now();
     let released = match prepared {
         Some(p) => release(p).await,
@@ -380,6 +398,7 @@ async fn run_migration(
     mut qmp: Qmp,
     opts: &MigrateOpts,
     t0: Instant,
+    cancel: &watch::Receiver<bool>,
 ) -> Result<(MigrationReport, Qmp), Error> {
     let t_dest = Instant::now();
     let mut dest = Destination::spawn(&plan.receive_argv)?;
@@ -399,8 +418,12 @@ async fn run_migration(
         qmp.set_migration_parameters(m.downtime_limit_ms, m.max_bandwidth_bytes)
             .await?;
         let _ = qmp.drain_events();
+        if *cancel.borrow() {
+            return Err(Error::Interrupted);
+        }
         let t_mig = Instant::now();
         qmp.migrate(&plan.uri).await?;
+        tracing::info!(uri = %plan.uri, "migration started");
         let pb = progress_bar(opts.progress);
         let deadline = t_mig + host.cfg.timeouts.migrate();
         let info = loop {
@@ -417,10 +440,22 @@ async fn run_migration(
                 }
                 _ => {}
             }
-            if Instant::now() > deadline {
-                return Err(Error::Timeout {
-                    what: format!("migration of vm {} to complete", plan.vm),
-                    after: host.cfg.timeouts.migrate(),
+            let timed_out = Instant::now() > deadline;
+            if timed_out || *cancel.borrow() {
+                // Still pre-copying: cancel, the VM keeps running here.
+                if let Err(e) = qmp.migrate_cancel().await {
+                    tracing::error!(error = %e, "migrate_cancel failed");
+                }
+                if let Some(pb) = &pb {
+                    pb.abandon();
+                }
+                return Err(if timed_out {
+                    Error::Timeout {
+                        what: format!("migration of vm {} to complete", plan.vm),
+                        after: host.cfg.timeouts.migrate(),
+                    }
+                } else {
+                    Error::Interrupted
                 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

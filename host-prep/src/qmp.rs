@@ -218,6 +218,15 @@ impl qapi::Command for MigrateSetParameters {
 impl qapi::qmp::QmpCommand for MigrateSetParameters {}
 
 #[derive(Debug, Serialize)]
+struct MigrateCancel {}
+impl qapi::Command for MigrateCancel {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "migrate_cancel";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for MigrateCancel {}
+
+#[derive(Debug, Serialize)]
 struct Quit {}
 impl qapi::Command for Quit {
     type Ok = qapi::Empty;
@@ -372,6 +381,11 @@ impl Qmp {
         })
         .await
         .map(drop)
+    }
+
+    /// `migrate_cancel`: the VM keeps running here.
+    pub async fn migrate_cancel(&self) -> Result<(), QmpError> {
+        self.run(MigrateCancel {}).await.map(drop)
     }
 
     /// `query-migrate`.

@@ -517,3 +517,73 @@ fn migrate_on_a_terminal_shows_progress_and_the_phase_table() {
     dst.reconnect_qmp().unwrap();
     dst.quit().unwrap();
 }
+
+#[test]
+#[ignore = "privileged: run with ./test.sh (root, netns)"]
+fn sigterm_during_precopy_cancels_and_the_vm_stays_at_the_source() {
+    let img = GuestImage::locate().unwrap();
+    let tmp = TempDir::new();
+    let (a, b) = (host(), host());
+    let mut src = Qemu::start(&img, &spec(), Some(&a)).unwrap();
+    wait_answers(&a, LL0, "br0", Duration::from_secs(120));
+    let uri = src.migration_uri();
+    let mut dst = Qemu::start(&img, &spec().incoming(&uri), Some(&b)).unwrap();
+    dst.release_qmp().unwrap();
+    src.release_qmp().unwrap();
+    let cfg = write_config(tmp.path(), &a, &b, &uri);
+    // A slow link: the pre-copy of ~100 MB takes ~10 s.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "downtime_limit_ms = 50",
+        "downtime_limit_ms = 50\nmax_bandwidth_bytes = 10000000",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    symlink(&src.qmp_path(), &tmp.path().join("A.qmp"));
+    symlink(&dst.qmp_path(), &tmp.path().join("B.qmp"));
+
+    let mut cmd = a.command(host_prep_bin());
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args([
+            "--site",
+            "A",
+            "migrate",
+            "--vm",
+            VM,
+            "--to",
+            "B",
+            "--no-prep",
+            "--json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut mig = ChildGuard::spawn(cmd).unwrap();
+    // Interrupt once host-prep has started the migration.
+    let stderr = mig.child_mut().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut err = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        err.push_str(&line);
+        err.push('\n');
+        if line.contains("migration started") {
+            break;
+        }
+    }
+    assert!(err.contains("migration started"), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    mig.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    for line in lines {
+        err.push_str(&line.unwrap());
+        err.push('\n');
+    }
+    let st = mig.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    // The VM still runs at the source, on its active NIC.
+    src.reconnect_qmp().unwrap();
+    assert_eq!(src.status().unwrap(), "running");
+    wait_answers(&a, LL0, "br0", Duration::from_secs(10));
+    assert!(!tmp.path().join("state").join(format!("{VM}.json")).exists());
+    drop(dst);
+}
