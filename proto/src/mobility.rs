@@ -835,17 +835,19 @@ impl Mobility {
                 self.register(false, now);
             }
             IfaceState::Active(a) => {
-                self.lose_active(k, a, now);
+                self.lose_active(k, a, true, now);
             }
         }
     }
 
     /// The active attachment on interface `k` is gone (already replaced by
     /// `Down` or `Unconfigured` by the caller): switch to a standby if there
-    /// is one, otherwise solicit on every link with carrier.
-    fn lose_active(&mut self, k: usize, a: Attachment, now: Instant) {
+    /// is one, otherwise solicit on every link with carrier. `carrier_lost`:
+    /// the kernel already skips the old active route (linkdown), so the
+    /// standby route carries traffic and the IMS activation can go first.
+    fn lose_active(&mut self, k: usize, a: Attachment, carrier_lost: bool, now: Instant) {
         if let Some(s) = self.standby_idx() {
-            self.promote(s, now, HandoverKind::Standby);
+            self.promote(s, now, HandoverKind::Standby, carrier_lost);
             self.teardown(k, &a, self.cfg.timers.active_metric);
         } else {
             self.teardown(k, &a, self.cfg.timers.active_metric);
@@ -899,19 +901,32 @@ impl Mobility {
     }
 
     /// Makes the standby on `s` the active attachment.
-    fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind) {
+    ///
+    /// With `signal_first` (the old active link lost carrier, so the kernel
+    /// already sends through the standby route) the IMS activation and the
+    /// NA leave before the route changes: the peers' direction, which waits
+    /// for the IMS ack, starts as early as possible. Otherwise the routes
+    /// move first (the old route may still be usable by the kernel).
+    fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind, signal_first: bool) {
         let IfaceState::Standby(a) = self.ifaces[s].state.clone() else {
             return;
         };
         let t = self.cfg.timers.clone();
+        let mut routes = Vec::new();
         for r in self.routes_for(s, &a, t.active_metric) {
-            self.actions.push_back(Action::AddRoute(r));
+            routes.push(Action::AddRoute(r));
         }
         for r in self.routes_for(s, &a, t.standby_metric) {
-            self.actions.push_back(Action::RemoveRoute(r));
+            routes.push(Action::RemoveRoute(r));
         }
         self.ifaces[s].state = IfaceState::Active(a.clone());
-        self.activated(s, &a, now, now, kind);
+        if signal_first {
+            self.activated(s, &a, now, now, kind);
+            self.actions.extend(routes);
+        } else {
+            self.actions.extend(routes);
+            self.activated(s, &a, now, now, kind);
+        }
     }
 
     /// Common tail of every move: NA, IMS activation, handover record.
@@ -925,11 +940,6 @@ impl Mobility {
     ) {
         let ifindex = self.ifaces[k].cfg.ifindex;
         let mac = self.ifaces[k].cfg.mac;
-        self.actions.push_back(Action::SendUnsolicitedNa {
-            ifindex,
-            moa: a.moa,
-            mac,
-        });
         let record = Handover {
             kind,
             ifindex,
@@ -939,11 +949,17 @@ impl Mobility {
             peers_acked_us: None,
             peers_notified: 0,
         };
-        self.actions.push_back(Action::HandoverDone(record.clone()));
         self.counters.handovers += 1;
         // Cancel notifications about an older move.
         self.notifies.clear();
+        // The activation first (its ack gates the peers), then the NA.
         let seq = self.register(true, now);
+        self.actions.push_back(Action::SendUnsolicitedNa {
+            ifindex,
+            moa: a.moa,
+            mac,
+        });
+        self.actions.push_back(Action::HandoverDone(record.clone()));
         self.handover = Some(HandoverProgress {
             started,
             record,
@@ -1216,7 +1232,7 @@ impl Mobility {
             },
         );
         match old {
-            IfaceState::Active(a) => self.lose_active(k, a, now),
+            IfaceState::Active(a) => self.lose_active(k, a, false, now),
             IfaceState::Standby(a) => {
                 self.teardown(k, &a, self.cfg.timers.standby_metric);
                 self.register(false, now);
@@ -1243,6 +1259,15 @@ impl Mobility {
             || matches!(&self.registration, Registration::Pending { client, .. } if client.repr().activate);
         let seq = self.next_seq;
         self.next_seq += 1;
+        if activate {
+            // This update supersedes a pending activation: the handover's
+            // IMS part now completes with its ack.
+            if let Some(h) = &mut self.handover {
+                if h.seq.is_some() {
+                    h.seq = Some(seq);
+                }
+            }
+        }
         let repr = UpdateRepr {
             key_id: self.cfg.key.key_id,
             seq,
@@ -1524,7 +1549,7 @@ impl Mobility {
             self.promote_at = None;
             if self.active_idx().is_none() {
                 if let Some(s) = self.standby_idx() {
-                    self.promote(s, now, HandoverKind::Initial);
+                    self.promote(s, now, HandoverKind::Initial, false);
                 }
             }
         }
@@ -1831,8 +1856,9 @@ mod tests {
         let sb = moa_for(PFX_B, MAC2);
         m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
         let a = drain(&mut m);
-        // The data path moves first: the active route on eth1 precedes the
-        // NA and the IMS update, and the old attachment goes last.
+        // Carrier loss: the kernel already uses the standby route, so the
+        // IMS activation leaves first, then the NA, then the routes are made
+        // official, and the old attachment goes last.
         let pos = |x: &Action| a.iter().position(|y| y == x).unwrap();
         let add = Action::AddRoute(Route {
             dst: Ipv6Addr::UNSPECIFIED,
@@ -1852,8 +1878,14 @@ mod tests {
             moa: moa_for(PFX_A, MAC1),
             prefix_len: 64,
         };
-        assert!(pos(&add) < pos(&na));
-        assert!(pos(&na) < pos(&rm));
+        let ims = a
+            .iter()
+            .position(|x| matches!(x, Action::SendImsUpdate(_)))
+            .unwrap();
+        assert_eq!(ims, 0, "{a:?}");
+        assert!(ims < pos(&na));
+        assert!(pos(&na) < pos(&add));
+        assert!(pos(&add) < pos(&rm));
         assert!(!a.iter().any(|x| matches!(x, Action::AddMoa { .. })));
         let u = updates(&a);
         assert_eq!(u.len(), 1);
@@ -2046,6 +2078,17 @@ mod tests {
         assert_eq!(m.poll_timeout(), Some(c.at(3001)));
         m.handle_timeout(c.at(3001));
         let a = drain(&mut m);
+        // The old router is gone but its route is not linkdown: the routes
+        // move before the activation is sent.
+        let add = a
+            .iter()
+            .position(|x| matches!(x, Action::AddRoute(r) if r.ifindex == 3 && r.metric == 100))
+            .unwrap();
+        let ims = a
+            .iter()
+            .position(|x| matches!(x, Action::SendImsUpdate(_)))
+            .unwrap();
+        assert!(add < ims, "{a:?}");
         assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
         // eth0 still has carrier: it solicits for a new router.
         assert!(a.contains(&Action::SendRs { ifindex: 2 }));
@@ -2222,6 +2265,25 @@ mod tests {
         assert!(m.registration_pending());
         ack(&mut m, u[1].seq, c.at(4));
         assert!(!m.registration_pending());
+    }
+
+    #[test]
+    fn superseded_activation_still_completes_the_handover() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(1));
+        // A standby appears before the activation is acked.
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(2));
+        let u = updates(&drain(&mut m));
+        assert_eq!(u.len(), 2);
+        assert!(u[1].activate);
+        ack(&mut m, u[1].seq, c.at(3));
+        let st = m.status(c.at(4));
+        assert_eq!(st.handovers.len(), 1, "{:?}", st.handovers);
+        assert_eq!(st.handovers[0].kind, HandoverKind::Initial);
+        assert_eq!(st.handovers[0].ims_ack_us, Some(2000));
     }
 
     #[test]

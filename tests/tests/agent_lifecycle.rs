@@ -42,7 +42,14 @@ fn shutdown_cleans_up_restart_and_crash_recover() {
     bed.start_vm();
     bed.wait_ready();
     assert!(ping_ok(&bed), "{}", bed.diag());
-    // The human-readable status.
+    // The human-readable status (once the first handover is complete).
+    wait_for("first handover recorded", Duration::from_secs(10), || {
+        bed.vm()
+            .status()
+            .and_then(|s| s["status"]["handovers"].as_array().map(|h| !h.is_empty()))
+            .unwrap_or(false)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", bed.diag()));
     let out = std::process::Command::new(bin("guest-agent"))
         .args(["status", "--socket"])
         .arg(bed.path("vm.sock"))
