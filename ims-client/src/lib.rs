@@ -11,7 +11,8 @@
 //!   IMS-signed [`BindingAssertion`] the agent can forward to its peers.
 //! * [`ControlClient`] — the TLS 1.3 control channel: lookups (pipelined:
 //!   clone the client and issue requests concurrently), site registry,
-//!   IMS public key, admin operations (with [`ControlClient::with_admin_token`]).
+//!   IMS public key, admin operations (with [`ControlClient::with_admin_token`]),
+//!   and [`ControlClient::activate_standby`] (host token).
 //!   A client whose connection died fails every request with
 //!   [`ClientError::Closed`] ([`ControlClient::is_closed`]); connect again.
 //!   [`Watch`] is a watch stream on its own connection that reconnects by
@@ -581,6 +582,31 @@ impl ControlClient {
                 public_key_b64,
                 revision,
             } => Ok((public_key_from_b64(&public_key_b64)?, revision)),
+            _ => Err(ClientError::Unexpected),
+        }
+    }
+
+    /// Makes `moa`, one of `hoa`'s registered standby MoAs, its active MoA
+    /// (host-prep does this when the VM resumes on the destination).
+    /// `token` is the host token (or the admin token). Returns the binding
+    /// now in force with its signed assertion, and whether it changed
+    /// (`false`: `moa` was already active). A MoA that is not a registered
+    /// standby is refused with [`ErrorCode::Conflict`], an unknown HoA with
+    /// [`ErrorCode::NotFound`], a wrong token with
+    /// [`ErrorCode::Unauthorized`]; nothing changes then.
+    pub async fn activate_standby(
+        &self,
+        token: &str,
+        hoa: Ipv6Addr,
+        moa: Ipv6Addr,
+    ) -> Result<(BindingRecord, bool), ClientError> {
+        let req = Request::ActivateStandby {
+            token: token.trim().to_owned(),
+            hoa,
+            moa,
+        };
+        match self.request(req).await? {
+            Response::Activated { record, changed } => Ok((record, changed)),
             _ => Err(ClientError::Unexpected),
         }
     }

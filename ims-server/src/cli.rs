@@ -129,6 +129,14 @@ pub enum KeysCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Create a host token file (mode 0600) for `host_token_file`: it lets
+    /// hypervisor hosts (host-prep) activate a VM's registered standby MoA,
+    /// nothing else.
+    GenHostToken {
+        /// Output file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create a private CA and server certificate (labs/tests): ca.pem, server.pem, server.key.
     GenTls {
         /// Output directory (must exist; files must not).
@@ -275,6 +283,11 @@ pub async fn run_admin(cmd: Cmd) -> Result<(), CliError> {
                 Ok(())
             }
             KeysCmd::GenAdminToken { out } => {
+                secrets::generate_admin_token(&out)?;
+                println!("wrote {} (mode 0600)", out.display());
+                Ok(())
+            }
+            KeysCmd::GenHostToken { out } => {
                 secrets::generate_admin_token(&out)?;
                 println!("wrote {} (mode 0600)", out.display());
                 Ok(())

@@ -26,6 +26,11 @@ pub struct ServeConfig {
     pub tls_key: PathBuf,
     /// Admin token file (must be mode 0600).
     pub admin_token_file: PathBuf,
+    /// Host token file (mode 0600; absent: no host token). The host token
+    /// authorizes nothing but `activate_standby` (host-prep switches a VM to
+    /// its prepared standby MoA when the VM resumes on the destination).
+    #[serde(default)]
+    pub host_token_file: Option<PathBuf>,
     /// IMS Ed25519 signing key (PKCS#8 DER, mode 0600; `ims-server keys gen-signing`).
     pub signing_key_file: PathBuf,
     /// Longest lifetime an update may ask for.
@@ -170,6 +175,13 @@ signing_key_file = "/etc/mat6/ims-signing.pk8"
         assert_eq!(c.udp_listen.port(), 7341);
         assert_eq!(c.control_listen.port(), 7342);
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.host_token_file, None);
+        let with_host = format!("{MIN}host_token_file = \"/etc/mat6/host-token\"\n");
+        let c = ServeConfig::from_toml(&with_host).unwrap();
+        assert_eq!(
+            c.host_token_file.as_deref(),
+            Some(Path::new("/etc/mat6/host-token"))
+        );
         let bad = format!("{MIN}\nbogus = 1\n");
         let e = ServeConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("bogus") && e.contains("line 8"), "{e}");

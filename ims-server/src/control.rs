@@ -1,4 +1,5 @@
-//! The TLS 1.3 control channel: lookups, watch, sites, admin.
+//! The TLS 1.3 control channel: lookups, watch, sites, admin, and
+//! `activate_standby` (admin or host token).
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
+use crate::metrics::Activation;
 use crate::pipeline::{Job, Shared};
 
 /// Longest a TLS handshake may take.
@@ -28,6 +30,8 @@ pub struct ControlCtx {
     pub jobs: std::sync::mpsc::SyncSender<Job>,
     /// Admin token.
     pub admin_token: Arc<[u8]>,
+    /// Host token (only `activate_standby`); `None`: not configured.
+    pub host_token: Option<Arc<[u8]>>,
     /// IMS public key, base64.
     pub public_key_b64: Arc<str>,
 }
@@ -138,6 +142,21 @@ where
                 )));
                 continue;
             }
+            Request::ActivateStandby { token, hoa, moa } => {
+                let host_ok = ctx
+                    .host_token
+                    .as_deref()
+                    .is_some_and(|h| token_ok(h, &token));
+                if !host_ok && !token_ok(&ctx.admin_token, &token) {
+                    ctx.shared.metrics.activation(Activation::Unauthorized);
+                    err(
+                        ErrorCode::Unauthorized,
+                        "admin or host token missing or wrong",
+                    )
+                } else {
+                    activate(hoa, moa, &ctx).await
+                }
+            }
             Request::Admin { token, op } => {
                 if !token_ok(&ctx.admin_token, &token) {
                     err(ErrorCode::Unauthorized, "admin token missing or wrong")
@@ -191,10 +210,28 @@ fn read_only(req: Request, ctx: &ControlCtx) -> Response {
             public_key_b64: ctx.public_key_b64.to_string(),
             revision: ix.revision,
         },
-        Request::Watch { .. } | Request::Admin { .. } => {
+        Request::Watch { .. } | Request::Admin { .. } | Request::ActivateStandby { .. } => {
             err(ErrorCode::BadRequest, "not a read-only request")
         }
     }
+}
+
+/// Hands a job to the committer and waits for its answer (sent after the
+/// commit).
+async fn committed(ctx: &ControlCtx, job: Job, rx: oneshot::Receiver<Response>) -> Response {
+    let jobs = ctx.jobs.clone();
+    // The committer queue is bounded; do not block a runtime thread on it.
+    let sent = tokio::task::spawn_blocking(move || jobs.send(job).is_ok()).await;
+    if !matches!(sent, Ok(true)) {
+        return err(ErrorCode::Internal, "committer stopped");
+    }
+    rx.await
+        .unwrap_or_else(|_| err(ErrorCode::Internal, "committer stopped"))
+}
+
+async fn activate(hoa: std::net::Ipv6Addr, moa: std::net::Ipv6Addr, ctx: &ControlCtx) -> Response {
+    let (reply, rx) = oneshot::channel();
+    committed(ctx, Job::Activate { hoa, moa, reply }, rx).await
 }
 
 async fn admin(op: AdminOp, ctx: &ControlCtx) -> Response {
@@ -214,15 +251,7 @@ async fn admin(op: AdminOp, ctx: &ControlCtx) -> Response {
         return Response::Bindings { records };
     }
     let (reply, rx) = oneshot::channel();
-    let jobs = ctx.jobs.clone();
-    let job = Job::Admin { op, reply };
-    // The committer queue is bounded; do not block a runtime thread on it.
-    let sent = tokio::task::spawn_blocking(move || jobs.send(job).is_ok()).await;
-    if !matches!(sent, Ok(true)) {
-        return err(ErrorCode::Internal, "committer stopped");
-    }
-    rx.await
-        .unwrap_or_else(|_| err(ErrorCode::Internal, "committer stopped"))
+    committed(ctx, Job::Admin { op, reply }, rx).await
 }
 
 async fn watch(

@@ -4,7 +4,9 @@
 //! * UDP update path ([`pipeline`]): rate limit, checked parse, constant-time
 //!   HMAC, seq check, Ed25519 assertion, group commit to the store
 //!   ([`store::BindingStore`], redb with immediate durability), then acks.
-//! * TLS 1.3 control channel ([`control`]): lookups, watch, sites, admin.
+//! * TLS 1.3 control channel ([`control`]): lookups, watch, sites, admin,
+//!   and `activate_standby` (host-prep switches a resumed VM to its prepared
+//!   standby MoA with the host token; committed like an update).
 //! * Prometheus `/metrics` ([`metrics`]), sd-notify readiness, graceful stop.
 //!
 //! `main.rs` only parses the command line ([`cli`]) and calls [`run`].
@@ -132,6 +134,10 @@ fn load_tls(cfg: &ServeConfig) -> Result<rustls::ServerConfig, ServeError> {
 /// Must be called inside a tokio runtime.
 pub async fn start(cfg: &ServeConfig) -> Result<Running, ServeError> {
     let admin_token = secrets::read_admin_token(&cfg.admin_token_file)?;
+    let host_token = match &cfg.host_token_file {
+        Some(p) => Some(secrets::read_host_token(p)?),
+        None => None,
+    };
     let signing = secrets::read_signing_key(&cfg.signing_key_file)?;
     let tls = load_tls(cfg)?;
     let store = RedbStore::open(&cfg.store_path, cfg.store_cache_mb << 20)?;
@@ -226,6 +232,7 @@ pub async fn start(cfg: &ServeConfig) -> Result<Running, ServeError> {
         shared: shared.clone(),
         jobs: jobs_tx,
         admin_token: admin_token.into_bytes().into(),
+        host_token: host_token.map(|t| t.into_bytes().into()),
         public_key_b64,
     };
     let mut tasks = vec![tokio::spawn(control::serve(

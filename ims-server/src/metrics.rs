@@ -48,6 +48,41 @@ impl Reject {
     }
 }
 
+/// Outcome of an `activate_standby` request.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Activation {
+    /// The standby MoA became active (seq bumped, committed).
+    Accepted,
+    /// It was already active (nothing changed).
+    AlreadyActive,
+    /// Neither the admin nor the host token.
+    Unauthorized,
+    /// No binding for the HoA (or it expired).
+    UnknownHoa,
+    /// The MoA is not one of the HoA's registered standby MoAs.
+    NotStandby,
+    /// The store commit failed.
+    Internal,
+}
+
+impl Activation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Activation::Accepted => "accepted",
+            Activation::AlreadyActive => "already_active",
+            Activation::Unauthorized => "unauthorized",
+            Activation::UnknownHoa => "unknown_hoa",
+            Activation::NotStandby => "not_standby",
+            Activation::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -60,6 +95,7 @@ pub struct Metrics {
     /// Durably accepted updates.
     pub updates_accepted: Counter,
     rejected: Family<ReasonLabel, Counter>,
+    activations: Family<ResultLabel, Counter>,
     /// Lookups served (one per HoA looked up).
     pub lookups: Counter,
     /// Current watch subscribers.
@@ -80,6 +116,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("ims");
         let updates_accepted = Counter::default();
         let rejected = Family::<ReasonLabel, Counter>::default();
+        let activations = Family::<ResultLabel, Counter>::default();
         let lookups = Counter::default();
         let watch_subscribers = Gauge::default();
         let commit_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -95,6 +132,11 @@ impl Metrics {
             "updates_rejected",
             "Update datagrams rejected, by reason",
             rejected.clone(),
+        );
+        registry.register(
+            "standby_activations",
+            "activate_standby requests (host-prep at RESUME), by result",
+            activations.clone(),
         );
         registry.register("lookups", "Bindings looked up", lookups.clone());
         registry.register(
@@ -122,6 +164,7 @@ impl Metrics {
             registry,
             updates_accepted,
             rejected,
+            activations,
             lookups,
             watch_subscribers,
             commit_latency,
@@ -142,6 +185,20 @@ impl Metrics {
     pub fn rejected(&self, r: Reject) -> u64 {
         self.rejected
             .get_or_create(&ReasonLabel { reason: r.as_str() })
+            .get()
+    }
+
+    /// Counts an `activate_standby` outcome.
+    pub fn activation(&self, a: Activation) {
+        self.activations
+            .get_or_create(&ResultLabel { result: a.as_str() })
+            .inc();
+    }
+
+    /// `activate_standby` outcomes so far for `a`.
+    pub fn activations(&self, a: Activation) -> u64 {
+        self.activations
+            .get_or_create(&ResultLabel { result: a.as_str() })
             .get()
     }
 

@@ -17,13 +17,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mat6_proto::assertion::SigningKey;
 use mat6_proto::binding::{Binding, SiteInfo};
-use mat6_proto::control::{AdminOp, ErrorCode, ProvisionedKey, Response, WatchChange, WatchEvent};
+use mat6_proto::control::{
+    AdminOp, BindingRecord, ErrorCode, ProvisionedKey, Response, WatchChange, WatchEvent,
+};
 use mat6_proto::update::{AckRepr, AckStatus, UpdateKey, UpdatePacket, UpdateRepr, MAX_ACK_LEN};
 use ring::hmac;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::index::{changed_event, Index};
-use crate::metrics::{Metrics, Reject};
+use crate::metrics::{Activation, Metrics, Reject};
 use crate::store::{BindingStore, HoaRecord, StoreOp, StoredBinding};
 
 /// Work for the committer.
@@ -31,6 +33,15 @@ use crate::store::{BindingStore, HoaRecord, StoreOp, StoredBinding};
 pub enum Job {
     /// A verified update that looked fresh when received.
     Update(Box<UpdateJob>),
+    /// `activate_standby`: make a registered standby MoA the active one.
+    Activate {
+        /// HoA.
+        hoa: Ipv6Addr,
+        /// The standby MoA.
+        moa: Ipv6Addr,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Response>,
+    },
     /// An operator operation that writes.
     Admin {
         /// The operation.
@@ -312,6 +323,7 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
     let mut applies = Vec::with_capacity(batch.len());
     let mut out = Vec::with_capacity(batch.len());
     let mut accepted = 0u64;
+    let mut activated = 0u64;
     {
         let Ok(ix) = shared.index.read() else {
             return;
@@ -377,6 +389,45 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
                         assertion: Some(assertion),
                     };
                     out.push(Outgoing::Ack(from, key, ack));
+                }
+                Job::Activate { hoa, moa, reply } => {
+                    let resp = match activate_standby(
+                        current(&overlay, &hoa),
+                        moa,
+                        unix_now(),
+                        &shared.signing,
+                        revision + 1,
+                    ) {
+                        ActivateOutcome::Already(record) => {
+                            m.activation(Activation::AlreadyActive);
+                            Response::Activated {
+                                record,
+                                changed: false,
+                            }
+                        }
+                        ActivateOutcome::Changed(rec, record) => {
+                            revision += 1;
+                            activated += 1;
+                            overlay.insert(hoa, Some((*rec).clone()));
+                            ops.push(StoreOp::PutHoa(rec.clone()));
+                            applies.push(Apply::Put(rec, true));
+                            Response::Activated {
+                                record,
+                                changed: true,
+                            }
+                        }
+                        ActivateOutcome::Rejected(a, code) => {
+                            m.activation(a);
+                            let message = match a {
+                                Activation::NotStandby => format!(
+                                    "{moa} is not a registered standby MoA of {hoa} (nothing changed)"
+                                ),
+                                _ => format!("no live binding for HoA {hoa}"),
+                            };
+                            Response::Error { code, message }
+                        }
+                    };
+                    out.push(Outgoing::Reply(reply, resp));
                 }
                 Job::Admin { op, reply } => {
                     let resp = match op {
@@ -447,6 +498,9 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
         let t = Instant::now();
         if let Err(e) = store.commit(&ops, revision, next_key_id) {
             m.commit_errors.inc();
+            for _ in 0..activated {
+                m.activation(Activation::Internal);
+            }
             tracing::error!(error = %e, "store commit failed; batch not acknowledged");
             for o in out {
                 if let Outgoing::Reply(r, _) = o {
@@ -495,6 +549,9 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
         m.hoas.set(ix.len() as i64);
     }
     m.updates_accepted.inc_by(accepted);
+    for _ in 0..activated {
+        m.activation(Activation::Accepted);
+    }
     for o in out {
         match o {
             Outgoing::Ack(to, key, ack) => send_ack(sock, to, &key, &ack),
@@ -503,6 +560,78 @@ fn run_batch(store: &mut dyn BindingStore, sock: &UdpSocket, shared: &Shared, ba
             }
         }
     }
+}
+
+/// What `activate_standby` does to a record.
+#[derive(Debug)]
+enum ActivateOutcome {
+    /// `moa` is already active: the current binding, unchanged.
+    Already(BindingRecord),
+    /// The new record to commit, and the binding record to answer with.
+    Changed(Box<HoaRecord>, BindingRecord),
+    /// Refused (metric label, wire code); nothing changes.
+    Rejected(Activation, ErrorCode),
+}
+
+/// Decides an `activate_standby` against the HoA's current record: `moa`
+/// must be one of its standby MoAs (or already active). The new binding makes
+/// `moa` active, drops it from the standby list, drops the old active MoA
+/// (the VM just left that link), keeps the expiry and key id, and bumps the
+/// seq by one; it is signed here and committed at `revision`.
+fn activate_standby(
+    rec: Option<HoaRecord>,
+    moa: Ipv6Addr,
+    now_unix: u64,
+    signing: &SigningKey,
+    revision: u64,
+) -> ActivateOutcome {
+    let unknown = || ActivateOutcome::Rejected(Activation::UnknownHoa, ErrorCode::NotFound);
+    let Some(mut rec) = rec else {
+        return unknown();
+    };
+    let hoa = rec.hoa;
+    let Some(cur) = rec
+        .binding
+        .as_ref()
+        .filter(|b| !b.binding.is_expired(now_unix))
+    else {
+        return unknown();
+    };
+    let record_of = |b: &StoredBinding| BindingRecord {
+        binding: b.binding.clone(),
+        revision: b.revision,
+        assertion_b64: Some(crate::index::assertion_of(&b.binding, b.signature).to_b64()),
+    };
+    if cur.binding.active == Some(moa) {
+        return ActivateOutcome::Already(record_of(cur));
+    }
+    if !cur.binding.standby.contains(&moa) {
+        return ActivateOutcome::Rejected(Activation::NotStandby, ErrorCode::Conflict);
+    }
+    let binding = Binding {
+        hoa,
+        active: Some(moa),
+        standby: cur
+            .binding
+            .standby
+            .iter()
+            .copied()
+            .filter(|a| *a != moa)
+            .collect(),
+        seq: cur.binding.seq.saturating_add(1),
+        expires_unix: cur.binding.expires_unix,
+        key_id: cur.binding.key_id,
+    };
+    let signature = signing.sign(&binding).signature;
+    let sb = StoredBinding {
+        binding,
+        activate: true,
+        revision,
+        signature,
+    };
+    let answer = record_of(&sb);
+    rec.binding = Some(sb);
+    ActivateOutcome::Changed(Box::new(rec), answer)
 }
 
 fn admin_keys(

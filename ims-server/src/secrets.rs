@@ -1,4 +1,4 @@
-//! Secret files: the admin token and the IMS signing key. Both are refused
+//! Secret files: the admin token, the host token and the IMS signing key. Both are refused
 //! unless only their owner can read them (mode 0600 or 0400).
 
 use std::io::Write as _;
@@ -74,7 +74,16 @@ fn read_private(what: &'static str, path: &Path) -> Result<Vec<u8>, SecretError>
 
 /// Reads the admin token (trimmed; at least 16 characters).
 pub fn read_admin_token(path: &Path) -> Result<String, SecretError> {
-    let what = "admin token file";
+    read_token("admin token file", path)
+}
+
+/// Reads the host token (same rules as the admin token: mode 0600, trimmed,
+/// at least 16 characters). It only authorizes `activate_standby`.
+pub fn read_host_token(path: &Path) -> Result<String, SecretError> {
+    read_token("host token file", path)
+}
+
+fn read_token(what: &'static str, path: &Path) -> Result<String, SecretError> {
     let bytes = read_private(what, path)?;
     let s = String::from_utf8(bytes).map_err(|_| SecretError::Invalid {
         what,
@@ -234,6 +243,12 @@ mod tests {
         std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_admin_token(&tok).unwrap_err().to_string();
         assert!(e.contains("0644") && e.contains("tok"), "{e}");
+        let host = d.path().join("host");
+        let h = generate_admin_token(&host).unwrap();
+        assert_eq!(read_host_token(&host).unwrap(), h);
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_host_token(&host).unwrap_err().to_string();
+        assert!(e.contains("host token file") && e.contains("0640"), "{e}");
         let sk = d.path().join("sk");
         let k = generate_signing_key(&sk).unwrap();
         assert_eq!(read_signing_key(&sk).unwrap().public_key(), k.public_key());

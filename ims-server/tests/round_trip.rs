@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{hoa, moa, TestServer, BIN};
+use common::{hoa, http_get, moa, TestServer, BIN};
 use ims_client::{
     BindingAssertion, BindingUpdate, ClientError, ControlClient, ErrorCode, SiteInfo, UpdateClient,
     Watch, WatchChange, WatchFilter, WatchItem,
@@ -262,15 +262,4 @@ async fn sites_admin_auth_metrics_and_cli() {
     assert!(m.contains("ims_commit_latency_seconds_bucket"), "{m}");
     assert!(m.contains("ims_lookups_total"), "{m}");
     srv.stop();
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

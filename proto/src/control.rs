@@ -11,7 +11,10 @@
 //! revision it saw misses no binding's latest state.
 //!
 //! Lookups, watch, sites get/list and `info` are open to any TLS client;
-//! `admin` requests carry the operator token.
+//! `admin` requests carry the operator token. `activate_standby` carries the
+//! operator token or a *host token*: a narrower credential given to the
+//! hypervisor hosts (host-prep) that allows nothing but making one of a HoA's
+//! registered standby MoAs its active MoA at the moment the VM resumes.
 
 use std::net::Ipv6Addr;
 
@@ -95,6 +98,20 @@ pub enum Request {
     SiteList,
     /// The IMS public key and current revision (answered by `info`).
     Info,
+    /// Make `moa`, one of `hoa`'s registered standby MoAs, its active MoA
+    /// (answered by `activated`). Authorized by the admin token or the host
+    /// token. The guest consented to this move when it registered `moa` as a
+    /// standby with its own key; the IMS drops the old active MoA, bumps the
+    /// seq by one and signs the new binding. Idempotent: when `moa` is already
+    /// active the current binding is returned unchanged.
+    ActivateStandby {
+        /// Admin or host token.
+        token: String,
+        /// HoA.
+        hoa: Ipv6Addr,
+        /// The standby MoA to activate.
+        moa: Ipv6Addr,
+    },
     /// Operator operations.
     Admin {
         /// Admin token.
@@ -217,6 +234,9 @@ pub enum ErrorCode {
     BadRequest,
     /// Store failure.
     Internal,
+    /// The request does not fit the current state (e.g. the MoA to activate
+    /// is not one of the HoA's registered standby MoAs).
+    Conflict,
 }
 
 /// A response frame.
@@ -269,6 +289,14 @@ pub enum Response {
     KeysAdded {
         /// The new keys.
         keys: Vec<ProvisionedKey>,
+    },
+    /// Answer to `activate_standby`: the binding now in force and its
+    /// signed assertion.
+    Activated {
+        /// The binding.
+        record: BindingRecord,
+        /// False when `moa` was already active (nothing changed).
+        changed: bool,
     },
     /// Success without data.
     Ok,
@@ -363,6 +391,27 @@ mod tests {
         };
         let b = encode_frame(&admin).unwrap();
         assert_eq!(decode_frame::<RequestFrame>(&b).unwrap().unwrap().0, admin);
+        let act = RequestFrame {
+            id: 5,
+            req: Request::ActivateStandby {
+                token: "h".into(),
+                hoa: "2001:db8:ff::1".parse().unwrap(),
+                moa: "2001:db8:b::5".parse().unwrap(),
+            },
+        };
+        let b = encode_frame(&act).unwrap();
+        let text = std::str::from_utf8(&b[4..]).unwrap();
+        assert!(text.contains(r#""request":"activate_standby""#), "{text}");
+        assert_eq!(decode_frame::<RequestFrame>(&b).unwrap().unwrap().0, act);
+        let e = ResponseFrame {
+            id: 5,
+            resp: Response::Error {
+                code: ErrorCode::Conflict,
+                message: "x".into(),
+            },
+        };
+        let b = encode_frame(&e).unwrap();
+        assert_eq!(decode_frame::<ResponseFrame>(&b).unwrap().unwrap().0, e);
     }
 
     #[test]
