@@ -782,6 +782,12 @@ fn measure(
         &format!("ping -6 -n -D -i 0.01 {src_bind}{cn_addr} >/tmp/ping.log 2>&1 & echo $! >/tmp/ping.pid"),
         short,
     )?;
+    // Optional packet captures for diagnosis: MAT6_CAPTURE_DIR=/some/dir
+    // writes the CN's link and both site links (router side) as pcap files.
+    let _captures = match std::env::var_os("MAT6_CAPTURE_DIR") {
+        Some(d) => start_captures(tb, Path::new(&d), mode)?,
+        None => Vec::new(),
+    };
     let traffic = tb.start_traffic(tools, target, bind)?;
     thread::sleep(Duration::from_secs(2));
     let (stats, tall, host_prep) = migrate(tb, vm)?;
@@ -827,6 +833,34 @@ fn measure(
         udp_report,
         tcp_report,
     })
+}
+
+/// tcpdump on the CN's link (core side) and on both site links (router
+/// side); the guards stop them (SIGKILL after the run; `-U` flushes each
+/// packet).
+fn start_captures(tb: &Testbed, dir: &Path, mode: Mode) -> Result<Vec<ChildGuard>> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("mkdir {}", dir.display())))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let mut v = Vec::new();
+    for (ns, ifname, tag) in [
+        (&tb.core, "c-c", "cn"),
+        (&tb.a.router, "down0", "siteA"),
+        (&tb.b.router, "down0", "siteB"),
+    ] {
+        let file = dir.join(format!("{mode}-{stamp}-{tag}.pcap"));
+        let mut c = ns.command("tcpdump");
+        c.args(["-i", ifname, "-U", "-n", "-s", "128", "-w"])
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        v.push(ChildGuard::spawn(c)?);
+    }
+    thread::sleep(Duration::from_millis(300));
+    Ok(v)
 }
 
 /// Writes `text` to a file in the testbed's scratch dir; returns its path.
