@@ -9,6 +9,7 @@
 //! control = "[2001:db8:ff::1]:7342"
 //! server_name = "ims.example"
 //! ca_cert = "/etc/mat6/ims-ca.pem"
+//! host_token_file = "/etc/mat6/ims-host-token"   # optional: activate the standby at RESUME
 //!
 //! [sites.A]
 //! bridge = "br-a"                  # the real bridge (with the uplink to site A's router)
@@ -127,6 +128,12 @@ pub struct ImsSettings {
     pub server_name: String,
     /// CA certificate (PEM) that signed the IMS certificate.
     pub ca_cert: PathBuf,
+    /// The IMS host token (file, mode 0600; the IMS's `host_token_file`).
+    /// When set, `receive` activates the VM's prepared standby MoA at the IMS
+    /// right after the switch on `RESUME`, on the VM's behalf, so that peers
+    /// learn the new MoA without waiting for the guest-agent.
+    #[serde(default)]
+    pub host_token_file: Option<PathBuf>,
 }
 
 fn default_server_name() -> String {
@@ -454,6 +461,26 @@ tap = "web1-n1"
         assert_eq!(cfg.ra.initial_count, 3);
         assert_eq!(cfg.migration.downtime_limit_ms, Some(50));
         assert_eq!(cfg.migration.max_bandwidth_bytes, None);
+        assert_eq!(cfg.ims.unwrap().host_token_file, None, "optional");
+    }
+
+    #[test]
+    fn host_token_file_in_ims_section() {
+        let text = SAMPLE.replace(
+            "ca_cert = \"/etc/mat6/ca.pem\"\n",
+            "ca_cert = \"/etc/mat6/ca.pem\"\nhost_token_file = \"/etc/mat6/host-token\"\n",
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            cfg.ims.unwrap().host_token_file.as_deref(),
+            Some(Path::new("/etc/mat6/host-token"))
+        );
+        // A misspelt key is an error, not a silently disabled activation.
+        let bad = SAMPLE.replace(
+            "ca_cert = \"/etc/mat6/ca.pem\"\n",
+            "ca_cert = \"/etc/mat6/ca.pem\"\nhost_token = \"/etc/mat6/host-token\"\n",
+        );
+        assert!(Config::from_toml(&bad).is_err());
     }
 
     #[test]
@@ -465,6 +492,7 @@ tap = "web1-n1"
         vm.nic_pair("web1").unwrap();
         assert!(vm.qemu_command.iter().any(|a| a.contains("{tap:net1}")));
         assert!(!cfg.sites["B"].receive_command.is_empty());
+        assert!(cfg.ims.unwrap().host_token_file.is_some());
     }
 
     #[test]

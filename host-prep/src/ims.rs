@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ims_client::{
@@ -54,6 +55,22 @@ pub enum ImsError {
         /// Why.
         reason: String,
     },
+    /// The host token file is missing, unreadable, readable by others or empty.
+    #[error("IMS host token file {path}: {reason}")]
+    HostToken {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// At the IMS, the VM's binding has no standby MoA inside the prefix.
+    #[error("the IMS shows no standby MoA of {hoa} inside {prefix} (was the migration prepared?)")]
+    NoStandby {
+        /// HoA.
+        hoa: Ipv6Addr,
+        /// Destination prefix.
+        prefix: Ipv6Network,
+    },
     /// No standby MoA in the prefix appeared in time.
     #[error("timed out after {after:?}: the IMS shows no standby MoA of {hoa} inside {prefix} (is the guest-agent running and does the standby NIC get the RAs?); last binding: {last}")]
     StandbyTimeout {
@@ -85,6 +102,30 @@ pub trait Registry {
 /// The standby MoA of `b` inside `prefix`, if any.
 pub fn standby_in(b: &Binding, prefix: &Ipv6Network) -> Option<Ipv6Addr> {
     b.standby.iter().copied().find(|a| prefix.contains(*a))
+}
+
+/// Reads the IMS host token: refused unless only its owner can read it
+/// (mode 0600/0400), trimmed, non-empty.
+pub fn read_host_token(path: &Path) -> Result<String, ImsError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let bad = |reason: String| ImsError::HostToken {
+        path: path.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {mode:04o}; it must be 0600 (chmod 600 {})",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    Ok(t.to_owned())
 }
 
 /// The real IMS over the TLS control channel.
@@ -131,6 +172,32 @@ impl ImsRegistry {
             request_timeout,
             poll_interval: Duration::from_millis(500),
         })
+    }
+
+    /// The standby MoA of `hoa` inside `prefix` that the IMS holds now.
+    pub async fn standby_moa(
+        &self,
+        hoa: Ipv6Addr,
+        prefix: Ipv6Network,
+    ) -> Result<Ipv6Addr, ImsError> {
+        self.timed(self.client.lookup(hoa))
+            .await?
+            .and_then(|r| standby_in(&r.binding, &prefix))
+            .ok_or(ImsError::NoStandby { hoa, prefix })
+    }
+
+    /// Activates `moa`, a registered standby MoA of `hoa`, with the host
+    /// token; returns whether the binding changed (`false`: already active).
+    pub async fn activate_standby(
+        &self,
+        token: &str,
+        hoa: Ipv6Addr,
+        moa: Ipv6Addr,
+    ) -> Result<bool, ImsError> {
+        let (_, changed) = self
+            .timed(self.client.activate_standby(token, hoa, moa))
+            .await?;
+        Ok(changed)
     }
 
     async fn timed<T>(
@@ -221,6 +288,26 @@ impl Registry for ImsRegistry {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn host_token_file_must_be_private_and_non_empty() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tok");
+        std::fs::write(&p, "  s3cret-host-token\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_host_token(&p).unwrap(), "s3cret-host-token");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_host_token(&p).unwrap_err().to_string();
+        assert!(e.contains("0644") && e.contains("tok"), "{e}");
+        std::fs::write(&p, "\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_host_token(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(read_host_token(&d.path().join("missing")).is_err());
+    }
 
     #[test]
     fn standby_must_be_inside_the_prefix() {

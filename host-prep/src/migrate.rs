@@ -482,14 +482,21 @@ async fn run_migration(
             )
             .await?;
         let t_switch = Instant::now();
-        let (old_active, new_active, switch_ms, switch_from_qemu_ms) = match switched {
+        let (old_active, new_active, switch_ms, switch_from_qemu_ms, activate_ms) = match switched {
             ReceiveEvent::Switched {
                 old_active,
                 new_active,
                 switch_ms,
                 switch_from_qemu_ms,
+                activate_ms,
                 ..
-            } => (old_active, new_active, switch_ms, switch_from_qemu_ms),
+            } => (
+                old_active,
+                new_active,
+                switch_ms,
+                switch_from_qemu_ms,
+                activate_ms,
+            ),
             other => return Err(Error::Destination(format!("unexpected event {other:?}"))),
         };
         let ram = info.ram.clone().unwrap_or_default();
@@ -507,6 +514,7 @@ async fn run_migration(
             qemu_total_ms: qemu_total,
             switch_ms,
             switch_from_qemu_ms,
+            activate_ms,
             cleanup_ms: 0.0,
             cleanup_error: None,
             migration_ms: ms(t_switch - t_mig),

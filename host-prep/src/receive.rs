@@ -2,9 +2,14 @@
 //! standby NIC on the real bridge, the currently active NIC on the bridge
 //! with no uplink), start the incoming QEMU (or use one another tool
 //! started), and on QMP `RESUME` turn the old active NIC's carrier off at
-//! once. Progress goes out as [`ReceiveEvent`]s (JSON lines with `--json`),
+//! once. With an IMS host token in the config, a prepared (`swap`) receive
+//! also activates the VM's standby MoA at the IMS right after that, on the
+//! VM's behalf: the IMS connection is opened and the standby MoA looked up
+//! while the incoming QEMU starts, so at `RESUME` it is one request. The
+//! guest-agent's own activation follows and resyncs its seq. Progress goes out as [`ReceiveEvent`]s (JSON lines with `--json`),
 //! which `migrate` on the source reads.
 
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
@@ -16,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::NicConfig;
 use crate::error::Error;
 use crate::host::Host;
+use crate::ims::{self, ImsError, ImsRegistry, Registry as _};
 use crate::qmp::{Qmp, QmpEvent};
 use crate::report::ms;
 use crate::state::{self, VmState};
@@ -92,6 +98,11 @@ pub enum ReceiveEvent {
         /// the event's delivery), ms; absent when unknown.
         #[serde(default)]
         switch_from_qemu_ms: Option<f64>,
+        /// `RESUME` received until the IMS confirmed the standby MoA's
+        /// activation (host token), ms; absent when not configured, not
+        /// prepared, or when it failed (the guest-agent activates anyway).
+        #[serde(default)]
+        activate_ms: Option<f64>,
     },
     /// Receiving failed.
     Error {
@@ -153,6 +164,37 @@ async fn ensure_tap(
     bridge::attach(nl, &nic.tap, bridge_name).await?;
     tracing::info!(nic = %nic.id, tap = %nic.tap, bridge = bridge_name, "tap attached");
     Ok(())
+}
+
+/// Everything needed to activate the standby MoA at `RESUME` with a single
+/// request on an open connection.
+struct Activation {
+    reg: ImsRegistry,
+    token: String,
+    hoa: Ipv6Addr,
+    moa: Ipv6Addr,
+}
+
+/// Reads the host token, connects to the IMS and looks up the VM's standby
+/// MoA inside this site's prefix. `None` when no host token is configured.
+async fn ready_activation(host: &Host, hoa: Ipv6Addr) -> Result<Option<Activation>, ImsError> {
+    let Some(settings) = host.cfg.ims.as_ref() else {
+        return Ok(None);
+    };
+    let Some(path) = &settings.host_token_file else {
+        return Ok(None);
+    };
+    let token = ims::read_host_token(path)?;
+    let reg = ImsRegistry::connect(Some(settings), host.cfg.timeouts.ims()).await?;
+    let site = reg.site(&host.site).await?;
+    let moa = reg.standby_moa(hoa, site.prefix).await?;
+    tracing::info!(%hoa, %moa, site = %site.name, "standby MoA will be activated at RESUME");
+    Ok(Some(Activation {
+        reg,
+        token,
+        hoa,
+        moa,
+    }))
 }
 
 /// Receive the VM on this host; `emit` gets the progress events.
@@ -224,7 +266,23 @@ pub async fn receive(
         guard = QemuGuard(Some(child));
     }
 
-    let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
+    // Ready the IMS activation while QEMU starts (not on the RESUME path).
+    let activation = async {
+        if opts.attach != Attach::Swap {
+            return None;
+        }
+        ready_activation(host, vm.hoa)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the standby MoA will not be activated at RESUME (the guest-agent still activates it)");
+                None
+            })
+    };
+    let (qmp, activation) = tokio::join!(
+        Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()),
+        activation
+    );
+    let mut qmp = qmp?;
     emit(&ReceiveEvent::Listening {
         vm: opts.vm.clone(),
         qemu_pid: guard.pid(),
@@ -286,7 +344,21 @@ pub async fn receive(
         (Attach::Swap, Some(t)) => std::time::SystemTime::now().duration_since(t).ok().map(ms),
         _ => None,
     };
-    tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, "switched");
+    let activate_ms = match &activation {
+        Some(a) => match a.reg.activate_standby(&a.token, a.hoa, a.moa).await {
+            Ok(changed) => {
+                let t = ms(resumed_at.elapsed());
+                tracing::info!(hoa = %a.hoa, moa = %a.moa, changed, activate_ms = t, "standby MoA activated at the IMS");
+                Some(t)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, hoa = %a.hoa, moa = %a.moa, "standby activation at the IMS failed (the guest-agent still activates it)");
+                None
+            }
+        },
+        None => None,
+    };
+    tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, ?activate_ms, "switched");
 
     let st = VmState {
         site: host.site.clone(),
@@ -301,6 +373,7 @@ pub async fn receive(
         attach: opts.attach,
         switch_ms,
         switch_from_qemu_ms,
+        activate_ms,
     };
     emit(&done);
     Ok(done)
@@ -320,6 +393,7 @@ mod tests {
             attach: Attach::Swap,
             switch_ms: 0.25,
             switch_from_qemu_ms: Some(0.5),
+            activate_ms: Some(1.5),
         };
         let line = serde_json::to_string(&ev).unwrap();
         assert!(line.starts_with(r#"{"event":"switched""#), "{line}");
@@ -330,5 +404,17 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(l, ReceiveEvent::Listening { qemu_pid: None, .. }));
+        // An older receive (no activation) still parses.
+        let old: ReceiveEvent = serde_json::from_str(
+            r#"{"event":"switched","vm":"v","old_active":"a","new_active":"b","attach":"swap","switch_ms":1.0}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            ReceiveEvent::Switched {
+                activate_ms: None,
+                ..
+            }
+        ));
     }
 }

@@ -48,6 +48,11 @@ pub struct MigrationReport {
     /// delivery to host-prep); `null` when unknown or not prepared.
     #[serde(default)]
     pub switch_from_qemu_ms: Option<f64>,
+    /// Destination `RESUME` until the IMS confirmed the activation of the
+    /// standby MoA that the destination sent with the host token; `null`
+    /// when not configured, not prepared or failed.
+    #[serde(default)]
+    pub activate_ms: Option<f64>,
     /// Source clean-up (RA sender stopped, bridge restored, source QEMU quit).
     pub cleanup_ms: f64,
     /// Set when undoing the preparation failed after a successful migration.
@@ -88,6 +93,7 @@ impl fmt::Display for MigrationReport {
             ("downtime (reported by QEMU)", Some(self.qemu_downtime_ms)),
             ("switch (RESUME -> set_link off)", Some(self.switch_ms)),
             ("  same, from QEMU's RESUME stamp", self.switch_from_qemu_ms),
+            ("activate at IMS (RESUME -> answer)", self.activate_ms),
             ("migrate -> switch done", Some(self.migration_ms)),
             ("total (T_ALL)", Some(self.total_ms)),
             ("source clean-up (after T_ALL)", Some(self.cleanup_ms)),
@@ -130,6 +136,7 @@ mod tests {
             qemu_total_ms: 660.0,
             switch_ms: 0.4,
             switch_from_qemu_ms: Some(0.6),
+            activate_ms: Some(2.5),
             cleanup_ms: 12.0,
             cleanup_error: None,
             migration_ms: 667.0,
@@ -147,6 +154,7 @@ mod tests {
             "precopy_ms",
             "qemu_downtime_ms",
             "switch_ms",
+            "activate_ms",
             "total_ms",
             "mode",
         ] {
@@ -160,7 +168,14 @@ mod tests {
     #[test]
     fn table_has_every_phase() {
         let t = sample().to_string();
-        for row in ["preparation", "pre-copy", "downtime", "switch", "T_ALL"] {
+        for row in [
+            "preparation",
+            "pre-copy",
+            "downtime",
+            "switch",
+            "activate at IMS",
+            "T_ALL",
+        ] {
             assert!(t.contains(row), "{t}");
         }
         assert!(t.contains("1160.0"), "{t}");

@@ -1,7 +1,8 @@
 //! host-prep's IMS access (`ImsRegistry`) against a real ims-server running
 //! in-process on loopback (real TLS, real UDP updates): site lookup, unknown
 //! site, unreachable server, and the standby wait via the watch stream, with
-//! its timeout naming the HoA and the prefix.
+//! its timeout naming the HoA and the prefix; the standby lookup and its
+//! activation with the host token (what `receive` does at RESUME).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -28,8 +29,9 @@ async fn server() -> Server {
     ims_server::secrets::generate_tls(d, &["localhost".to_string(), "::1".to_string()]).unwrap();
     ims_server::secrets::generate_signing_key(&d.join("signing.pk8")).unwrap();
     let token = ims_server::secrets::generate_admin_token(&d.join("token")).unwrap();
+    ims_server::secrets::generate_admin_token(&d.join("host-token")).unwrap();
     let cfg = ims_server::ServeConfig::from_toml(&format!(
-        "udp_listen = \"[::1]:0\"\ncontrol_listen = \"[::1]:0\"\nstore_path = \"{0}/ims.redb\"\ntls_cert = \"{0}/server.pem\"\ntls_key = \"{0}/server.key\"\nadmin_token_file = \"{0}/token\"\nsigning_key_file = \"{0}/signing.pk8\"\n",
+        "udp_listen = \"[::1]:0\"\ncontrol_listen = \"[::1]:0\"\nstore_path = \"{0}/ims.redb\"\ntls_cert = \"{0}/server.pem\"\ntls_key = \"{0}/server.key\"\nadmin_token_file = \"{0}/token\"\nhost_token_file = \"{0}/host-token\"\nsigning_key_file = \"{0}/signing.pk8\"\n",
         d.display()
     ))
     .unwrap();
@@ -38,6 +40,7 @@ async fn server() -> Server {
         control: running.control_addr,
         server_name: "localhost".into(),
         ca_cert: d.join("ca.pem"),
+        host_token_file: Some(d.join("host-token")),
     };
     Server {
         _dir: dir,
@@ -160,4 +163,54 @@ async fn standby_wait_returns_when_the_standby_appears_and_times_out_otherwise()
             .unwrap(),
         want
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_lookup_and_activation_with_the_host_token() {
+    let s = server().await;
+    let admin = s.admin().await;
+    let k = admin.key_add(HOA).await.unwrap();
+    let key = UpdateKey::from_b64(k.key_id, &k.secret_b64).unwrap();
+    let udp = s.running.as_ref().unwrap().udp_addr;
+    let mut agent = UpdateClient::bind(udp, HOA, key).await.unwrap();
+    let active: Ipv6Addr = "2001:db8:a::42".parse().unwrap();
+    let standby: Ipv6Addr = "2001:db8:b::42".parse().unwrap();
+    let reg = ImsRegistry::connect(Some(&s.settings), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let prefix = site_b().prefix;
+    agent
+        .send(&BindingUpdate::activate(active, 600))
+        .await
+        .unwrap();
+    assert!(matches!(
+        reg.standby_moa(HOA, prefix).await,
+        Err(ImsError::NoStandby { .. })
+    ));
+    let registered = agent
+        .send(&BindingUpdate::standby(Some(active), vec![standby], 600))
+        .await
+        .unwrap();
+    assert_eq!(reg.standby_moa(HOA, prefix).await.unwrap(), standby);
+
+    let path = s.settings.host_token_file.clone().unwrap();
+    let token = host_prep::ims::read_host_token(&path).unwrap();
+    match reg.activate_standby("wrong-token", HOA, standby).await {
+        Err(ImsError::Request { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(reg.activate_standby(&token, HOA, standby).await.unwrap());
+    let b = admin.lookup(HOA).await.unwrap().unwrap().binding;
+    assert_eq!(b.active, Some(standby));
+    assert!(b.standby.is_empty());
+    assert_eq!(b.seq, registered.seq + 1);
+    // Repeating it (a retried receive) changes nothing.
+    assert!(!reg.activate_standby(&token, HOA, standby).await.unwrap());
+    assert_eq!(admin.lookup(HOA).await.unwrap().unwrap().binding, b);
+    // The agent's own activation afterwards still lands, above the IMS's seq.
+    let own = agent
+        .send(&BindingUpdate::activate(standby, 600))
+        .await
+        .unwrap();
+    assert!(own.seq > b.seq);
 }
