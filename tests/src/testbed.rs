@@ -1017,6 +1017,17 @@ impl Testbed {
             ims,
             &["keys", "gen-admin-token", "--out", &format!("{ds}/token")],
         )?;
+        // host-prep activates the VM's standby MoA at RESUME with this token.
+        run_tool(
+            &self.ims,
+            ims,
+            &[
+                "keys",
+                "gen-host-token",
+                "--out",
+                &format!("{ds}/host-token"),
+            ],
+        )?;
         run_tool(
             &self.ims,
             ims,
@@ -1034,7 +1045,7 @@ impl Testbed {
         )?;
         let ims_pk_b64 = pk.lines().last().unwrap_or("").trim().to_owned();
         let cfg = format!(
-            "udp_listen = \"[::]:7341\"\ncontrol_listen = \"[::]:7342\"\nstore_path = \"{ds}/ims.redb\"\ntls_cert = \"{ds}/server.pem\"\ntls_key = \"{ds}/server.key\"\nadmin_token_file = \"{ds}/token\"\nsigning_key_file = \"{ds}/signing.pk8\"\nready_file = \"{ds}/ims-ready.json\"\n"
+            "udp_listen = \"[::]:7341\"\ncontrol_listen = \"[::]:7342\"\nstore_path = \"{ds}/ims.redb\"\ntls_cert = \"{ds}/server.pem\"\ntls_key = \"{ds}/server.key\"\nadmin_token_file = \"{ds}/token\"\nhost_token_file = \"{ds}/host-token\"\nsigning_key_file = \"{ds}/signing.pk8\"\nready_file = \"{ds}/ims-ready.json\"\n"
         );
         write_file(&d, "ims.toml", &cfg)?;
         let log = std::fs::File::create(d.join("ims.log")).map_err(io_err("ims.log"))?;
@@ -1137,7 +1148,7 @@ impl Testbed {
             )
         };
         let hp_cfg = format!(
-            "state_dir = \"{ds}/hp-state\"\n\n[ims]\ncontrol = \"[{IMS_ADDR}]:7342\"\nserver_name = \"{IMS_NAME}\"\nca_cert = \"{ds}/ca.pem\"\n\n[timeouts]\nprepare_ms = 30000\nstart_ms = 20000\nmigrate_ms = 300000\n\n[sites.A]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[sites.B]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[vms.vm]\nqmp = \"{ds}/{{site}}.qmp\"\nhoa = \"{VM_HOA}\"\n[[vms.vm.nics]]\nid = \"nic0\"\ntap = \"{}\"\n[[vms.vm.nics]]\nid = \"nic1\"\ntap = \"{}\"\n",
+            "state_dir = \"{ds}/hp-state\"\n\n[ims]\ncontrol = \"[{IMS_ADDR}]:7342\"\nserver_name = \"{IMS_NAME}\"\nca_cert = \"{ds}/ca.pem\"\nhost_token_file = \"{ds}/host-token\"\n\n[timeouts]\nprepare_ms = 30000\nstart_ms = 20000\nmigrate_ms = 300000\n\n[sites.A]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[sites.B]\nbridge = \"{}\"\nstandby_bridge = \"{}\"\nreceive_command = {}\n\n[vms.vm]\nqmp = \"{ds}/{{site}}.qmp\"\nhoa = \"{VM_HOA}\"\n[[vms.vm.nics]]\nid = \"nic0\"\ntap = \"{}\"\n[[vms.vm.nics]]\nid = \"nic1\"\ntap = \"{}\"\n",
             self.a.bridge,
             self.a.nouplink,
             recv(&self.a, "A"),
