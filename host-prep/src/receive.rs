@@ -6,19 +6,20 @@
 //! also activates the VM's standby MoA at the IMS right after that, on the
 //! VM's behalf: the IMS connection is opened and the standby MoA looked up
 //! while the incoming QEMU starts, so at `RESUME` it is one request. The
-//! guest-agent's own activation follows and resyncs its seq. Progress goes out as [`ReceiveEvent`]s (JSON lines with `--json`),
+//! guest-agent's own activation follows and resyncs its seq. Progress goes
+//! out as [`ReceiveEvent`]s (JSON lines with `--json`),
 //! which `migrate` on the source reads.
 
 use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mat6_net::bridge;
 use mat6_net::netlink::Netlink;
 use serde::{Deserialize, Serialize};
 
-use crate::config::NicConfig;
+use crate::config::{ImsSettings, NicConfig};
 use crate::error::Error;
 use crate::host::Host;
 use crate::ims::{self, ImsError, ImsRegistry, Registry as _};
@@ -176,25 +177,72 @@ struct Activation {
 }
 
 /// Reads the host token, connects to the IMS and looks up the VM's standby
-/// MoA inside this site's prefix. `None` when no host token is configured.
-async fn ready_activation(host: &Host, hoa: Ipv6Addr) -> Result<Option<Activation>, ImsError> {
-    let Some(settings) = host.cfg.ims.as_ref() else {
+/// MoA inside `site`'s prefix. `None` when no host token is configured.
+async fn ready_activation(
+    settings: Option<ImsSettings>,
+    site: String,
+    request_timeout: Duration,
+    hoa: Ipv6Addr,
+) -> Result<Option<Activation>, ImsError> {
+    let Some(settings) = settings else {
         return Ok(None);
     };
     let Some(path) = &settings.host_token_file else {
         return Ok(None);
     };
     let token = ims::read_host_token(path)?;
-    let reg = ImsRegistry::connect(Some(settings), host.cfg.timeouts.ims()).await?;
-    let site = reg.site(&host.site).await?;
-    let moa = reg.standby_moa(hoa, site.prefix).await?;
-    tracing::info!(%hoa, %moa, site = %site.name, "standby MoA will be activated at RESUME");
+    let reg = ImsRegistry::connect(Some(&settings), request_timeout).await?;
+    let info = reg.site(&site).await?;
+    let moa = reg.standby_moa(hoa, info.prefix).await?;
+    tracing::info!(%hoa, %moa, %site, "standby MoA will be activated at RESUME");
     Ok(Some(Activation {
         reg,
         token,
         hoa,
         moa,
     }))
+}
+
+/// Aborts a background task when dropped (receive failed before RESUME).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// After the switch: activates the standby MoA at the IMS once the
+/// background preparation is ready; returns when the IMS answered (the
+/// caller measures from `RESUME`). Failures are warnings: the guest-agent's
+/// own activation follows anyway.
+async fn activate(mut task: AbortOnDrop<Result<Option<Activation>, ImsError>>) -> Option<Instant> {
+    let ready = match (&mut task.0).await {
+        Ok(Ok(Some(a))) => a,
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "standby MoA not activated at RESUME (the guest-agent still activates it)");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "standby activation task failed");
+            return None;
+        }
+    };
+    match ready
+        .reg
+        .activate_standby(&ready.token, ready.hoa, ready.moa)
+        .await
+    {
+        Ok(changed) => {
+            tracing::info!(hoa = %ready.hoa, moa = %ready.moa, changed, "standby MoA activated at the IMS");
+            Some(Instant::now())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, hoa = %ready.hoa, moa = %ready.moa, "standby activation at the IMS failed (the guest-agent still activates it)");
+            None
+        }
+    }
 }
 
 /// Receive the VM on this host; `emit` gets the progress events.
@@ -266,23 +314,18 @@ pub async fn receive(
         guard = QemuGuard(Some(child));
     }
 
-    // Ready the IMS activation while QEMU starts (not on the RESUME path).
-    let activation = async {
-        if opts.attach != Attach::Swap {
-            return None;
-        }
-        ready_activation(host, vm.hoa)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "the standby MoA will not be activated at RESUME (the guest-agent still activates it)");
-                None
-            })
-    };
-    let (qmp, activation) = tokio::join!(
-        Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()),
-        activation
-    );
-    let mut qmp = qmp?;
+    // Ready the IMS activation in the background while QEMU starts and the
+    // migration runs: neither the listening report nor the switch waits
+    // for it.
+    let activation = (opts.attach == Attach::Swap).then(|| {
+        AbortOnDrop(tokio::spawn(ready_activation(
+            host.cfg.ims.clone(),
+            host.site.clone(),
+            host.cfg.timeouts.ims(),
+            vm.hoa,
+        )))
+    });
+    let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
     emit(&ReceiveEvent::Listening {
         vm: opts.vm.clone(),
         qemu_pid: guard.pid(),
@@ -344,18 +387,10 @@ pub async fn receive(
         (Attach::Swap, Some(t)) => std::time::SystemTime::now().duration_since(t).ok().map(ms),
         _ => None,
     };
-    let activate_ms = match &activation {
-        Some(a) => match a.reg.activate_standby(&a.token, a.hoa, a.moa).await {
-            Ok(changed) => {
-                let t = ms(resumed_at.elapsed());
-                tracing::info!(hoa = %a.hoa, moa = %a.moa, changed, activate_ms = t, "standby MoA activated at the IMS");
-                Some(t)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, hoa = %a.hoa, moa = %a.moa, "standby activation at the IMS failed (the guest-agent still activates it)");
-                None
-            }
-        },
+    let activate_ms = match activation {
+        Some(task) => activate(task)
+            .await
+            .map(|done| ms(done.duration_since(resumed_at))),
         None => None,
     };
     tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, ?activate_ms, "switched");
