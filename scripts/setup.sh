@@ -10,7 +10,7 @@ PACKAGES=(
   # testbed: namespaces, bridges, routers, traffic, captures
   iproute2 nftables radvd ndisc6 iperf3 tcpdump socat iputils-ping procps psmisc
   # QEMU live migration and the guest image
-  qemu-system-x86 busybox-static cpio kmod dpkg-dev
+  qemu-system-x86 busybox-static cpio kmod dpkg-dev binutils
   # operator docs: making TLS certificates
   openssl
 )
