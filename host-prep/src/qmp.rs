@@ -203,12 +203,14 @@ impl qapi::Command for Migrate {
 }
 impl qapi::qmp::QmpCommand for Migrate {}
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct MigrateSetParameters {
     #[serde(rename = "downtime-limit", skip_serializing_if = "Option::is_none")]
     downtime_limit: Option<u64>,
     #[serde(rename = "max-bandwidth", skip_serializing_if = "Option::is_none")]
     max_bandwidth: Option<u64>,
+    #[serde(rename = "announce-rounds", skip_serializing_if = "Option::is_none")]
+    announce_rounds: Option<u64>,
 }
 impl qapi::Command for MigrateSetParameters {
     type Ok = qapi::Empty;
@@ -216,6 +218,31 @@ impl qapi::Command for MigrateSetParameters {
     const ALLOW_OOB: bool = false;
 }
 impl qapi::qmp::QmpCommand for MigrateSetParameters {}
+
+/// `announce-self` arguments (QEMU >= 4.0; `interfaces` >= 4.1): `rounds`
+/// announcements, the first at once, the next `initial` ms later, each gap
+/// `step` ms longer than the one before, at most `max` ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AnnounceParams {
+    /// Delay before the second round, ms.
+    pub initial: u64,
+    /// Longest gap between rounds, ms.
+    pub max: u64,
+    /// Number of rounds.
+    pub rounds: u64,
+    /// Gap increase per round, ms.
+    pub step: u64,
+    /// Only these NICs (QEMU device ids); all when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
+}
+
+impl qapi::Command for AnnounceParams {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "announce-self";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for AnnounceParams {}
 
 #[derive(Debug, Serialize)]
 struct MigrateCancel {}
@@ -378,9 +405,31 @@ impl Qmp {
         self.run(MigrateSetParameters {
             downtime_limit: downtime_limit_ms,
             max_bandwidth,
+            ..Default::default()
         })
         .await
         .map(drop)
+    }
+
+    /// `migrate-set-parameters announce-rounds`: how many self-announce
+    /// rounds (QEMU's RARPs and, for virtio-net, guest announcements) the
+    /// VM makes after an incoming migration. Set on the destination before
+    /// the migration completes.
+    pub async fn set_announce_rounds(&self, rounds: u64) -> Result<(), QmpError> {
+        self.run(MigrateSetParameters {
+            announce_rounds: Some(rounds),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `announce-self`: QEMU sends RARPs for the NICs and asks virtio-net
+    /// guests (VIRTIO_NET_F_GUEST_ANNOUNCE) to announce themselves, which
+    /// makes a Linux guest emit an RTM_NEWLINK with
+    /// `IFLA_EVENT_NOTIFY_PEERS` and the current carrier at once.
+    pub async fn announce_self(&self, params: &AnnounceParams) -> Result<(), QmpError> {
+        self.run(params.clone()).await.map(drop)
     }
 
     /// `migrate_cancel`: the VM keeps running here.

@@ -23,7 +23,7 @@ use crate::config::{ImsSettings, NicConfig};
 use crate::error::Error;
 use crate::host::Host;
 use crate::ims::{self, ImsError, ImsRegistry, Registry as _};
-use crate::qmp::{Qmp, QmpEvent};
+use crate::qmp::{AnnounceParams, Qmp, QmpEvent};
 use crate::report::ms;
 use crate::state::{self, VmState};
 use crate::template;
@@ -166,6 +166,31 @@ async fn ensure_tap(
     tracing::info!(nic = %nic.id, tap = %nic.tap, bridge = bridge_name, "tap attached");
     Ok(())
 }
+
+/// The guest announcements after `set_link <old active> off` (prepared
+/// receive): rounds at 0, 5, 20, 45 and 80 ms. Each makes the guest's
+/// virtio-net driver emit an RTM_NEWLINK (`IFLA_EVENT_NOTIFY_PEERS`) with
+/// the current carrier bit at once, so the guest-agent sees the old NIC's
+/// carrier loss without waiting for linkwatch, which defers a carrier-off
+/// up to a second after its previous run. The first round may reach the
+/// guest together with the link change and report the old carrier (the
+/// driver announces before it turns the carrier off); the later ones
+/// report it off.
+pub fn switch_announce(old: &str, new: &str) -> AnnounceParams {
+    AnnounceParams {
+        initial: 5,
+        max: 100,
+        rounds: 5,
+        step: 10,
+        interfaces: vec![old.to_string(), new.to_string()],
+    }
+}
+
+/// QEMU's own post-migration announce rounds on a prepared destination.
+/// virtio-net ignores `announce-self` while its migration announce timer
+/// still runs (QEMU's default: 5 rounds over ~800 ms), so the destination
+/// makes one (at resume) and [`switch_announce`] the rest.
+pub const MIGRATION_ANNOUNCE_ROUNDS: u64 = 1;
 
 /// Everything needed to activate the standby MoA at `RESUME` with a single
 /// request on an open connection.
@@ -326,6 +351,11 @@ pub async fn receive(
         )))
     });
     let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
+    if opts.attach == Attach::Swap {
+        if let Err(e) = qmp.set_announce_rounds(MIGRATION_ANNOUNCE_ROUNDS).await {
+            tracing::warn!(error = %e, "cannot shorten the post-migration announce (the guest may see the switch late)");
+        }
+    }
     emit(&ReceiveEvent::Listening {
         vm: opts.vm.clone(),
         qemu_pid: guard.pid(),
@@ -379,7 +409,11 @@ pub async fn receive(
                     nic: down.id.clone(),
                     source: Box::new(source),
                 })?;
-            ms(resumed_at.elapsed())
+            let switched = ms(resumed_at.elapsed());
+            if let Err(e) = qmp.announce_self(&switch_announce(&down.id, &up.id)).await {
+                tracing::warn!(error = %e, "announce-self failed (the guest sees the carrier loss through linkwatch, up to a second late)");
+            }
+            switched
         }
         Attach::Keep => 0.0,
     };
@@ -418,6 +452,23 @@ pub async fn receive(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn switch_announce_covers_both_nics_early() {
+        let p = switch_announce("nic0", "nic1");
+        assert_eq!(p.interfaces, ["nic0", "nic1"]);
+        // Round times: 0, then initial + k * step (capped at max).
+        let mut t = 0;
+        let mut times = vec![0];
+        for k in 0..p.rounds - 1 {
+            t += (p.initial + k * p.step).min(p.max);
+            times.push(t);
+        }
+        assert_eq!(times, [0, 5, 20, 45, 80]);
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["rounds"], 5);
+        assert_eq!(v["interfaces"][1], "nic1");
+    }
 
     #[test]
     fn events_are_json_lines_with_a_tag() {

@@ -835,20 +835,32 @@ impl Mobility {
                 self.register(false, now);
             }
             IfaceState::Active(a) => {
-                self.lose_active(k, a, true, now);
+                self.lose_active(k, a, now);
             }
         }
     }
 
     /// The active attachment on interface `k` is gone (already replaced by
     /// `Down` or `Unconfigured` by the caller): switch to a standby if there
-    /// is one, otherwise solicit on every link with carrier. `carrier_lost`:
-    /// the kernel already skips the old active route (linkdown), so the
-    /// standby route carries traffic and the IMS activation can go first.
-    fn lose_active(&mut self, k: usize, a: Attachment, carrier_lost: bool, now: Instant) {
+    /// is one, otherwise solicit on every link with carrier.
+    ///
+    /// The data path moves first: the old active routes go before anything
+    /// else, so the standby's (higher-metric) routes carry traffic at once
+    /// and there is no moment without a route. The kernel may still consider
+    /// the old routes usable: the agent can hear of the carrier loss from a
+    /// notify-peers event (virtio announce) before linkwatch has marked them
+    /// linkdown, and linkwatch may defer that by up to a second. Then the
+    /// standby's routes get the active metric, then the IMS activation and
+    /// the NA leave (through the new link), then the rest of the old
+    /// attachment is removed.
+    fn lose_active(&mut self, k: usize, a: Attachment, now: Instant) {
         if let Some(s) = self.standby_idx() {
-            self.promote(s, now, HandoverKind::Standby, carrier_lost);
-            self.teardown(k, &a, self.cfg.timers.active_metric);
+            let metric = self.cfg.timers.active_metric;
+            for r in self.routes_for(k, &a, metric) {
+                self.actions.push_back(Action::RemoveRoute(r));
+            }
+            self.promote(s, now, HandoverKind::Standby);
+            self.teardown_rest(k, &a);
         } else {
             self.teardown(k, &a, self.cfg.timers.active_metric);
             self.handover = Some(HandoverProgress {
@@ -879,11 +891,16 @@ impl Mobility {
 
     /// Removes an attachment's routes, neighbour, translation and address.
     fn teardown(&mut self, k: usize, a: &Attachment, metric: u32) {
-        let ifindex = self.ifaces[k].cfg.ifindex;
-        let ifname = self.ifaces[k].cfg.name.clone();
         for r in self.routes_for(k, a, metric) {
             self.actions.push_back(Action::RemoveRoute(r));
         }
+        self.teardown_rest(k, a);
+    }
+
+    /// [`Self::teardown`] without the routes (already removed).
+    fn teardown_rest(&mut self, k: usize, a: &Attachment) {
+        let ifindex = self.ifaces[k].cfg.ifindex;
+        let ifname = self.ifaces[k].cfg.name.clone();
         self.actions.push_back(Action::RemoveNeighbor {
             ifindex,
             router: a.router,
@@ -900,33 +917,22 @@ impl Mobility {
         });
     }
 
-    /// Makes the standby on `s` the active attachment.
-    ///
-    /// With `signal_first` (the old active link lost carrier, so the kernel
-    /// already sends through the standby route) the IMS activation and the
-    /// NA leave before the route changes: the peers' direction, which waits
-    /// for the IMS ack, starts as early as possible. Otherwise the routes
-    /// move first (the old route may still be usable by the kernel).
-    fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind, signal_first: bool) {
+    /// Makes the standby on `s` the active attachment: its routes first
+    /// (active metric added, standby metric removed), then the IMS
+    /// activation and the NA, which then leave through the new link.
+    fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind) {
         let IfaceState::Standby(a) = self.ifaces[s].state.clone() else {
             return;
         };
         let t = self.cfg.timers.clone();
-        let mut routes = Vec::new();
         for r in self.routes_for(s, &a, t.active_metric) {
-            routes.push(Action::AddRoute(r));
+            self.actions.push_back(Action::AddRoute(r));
         }
         for r in self.routes_for(s, &a, t.standby_metric) {
-            routes.push(Action::RemoveRoute(r));
+            self.actions.push_back(Action::RemoveRoute(r));
         }
         self.ifaces[s].state = IfaceState::Active(a.clone());
-        if signal_first {
-            self.activated(s, &a, now, now, kind);
-            self.actions.extend(routes);
-        } else {
-            self.actions.extend(routes);
-            self.activated(s, &a, now, now, kind);
-        }
+        self.activated(s, &a, now, now, kind);
     }
 
     /// Common tail of every move: NA, IMS activation, handover record.
@@ -1232,7 +1238,7 @@ impl Mobility {
             },
         );
         match old {
-            IfaceState::Active(a) => self.lose_active(k, a, false, now),
+            IfaceState::Active(a) => self.lose_active(k, a, now),
             IfaceState::Standby(a) => {
                 self.teardown(k, &a, self.cfg.timers.standby_metric);
                 self.register(false, now);
@@ -1549,7 +1555,7 @@ impl Mobility {
             self.promote_at = None;
             if self.active_idx().is_none() {
                 if let Some(s) = self.standby_idx() {
-                    self.promote(s, now, HandoverKind::Initial, false);
+                    self.promote(s, now, HandoverKind::Initial);
                 }
             }
         }
@@ -1856,10 +1862,28 @@ mod tests {
         let sb = moa_for(PFX_B, MAC2);
         m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
         let a = drain(&mut m);
-        // Carrier loss: the kernel already uses the standby route, so the
-        // IMS activation leaves first, then the NA, then the routes are made
-        // official, and the old attachment goes last.
+        // Carrier loss: the data path first. The old active route goes
+        // (the kernel may not have marked it linkdown yet), so the standby
+        // route carries traffic at once; then the standby's route gets the
+        // active metric, then the IMS activation and the NA leave through
+        // the new link, and the rest of the old attachment goes last.
         let pos = |x: &Action| a.iter().position(|y| y == x).unwrap();
+        let rm_old = Action::RemoveRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 2,
+            via: RTR_A,
+            metric: 100,
+            src: None,
+        });
+        let rm_standby = Action::RemoveRoute(Route {
+            dst: Ipv6Addr::UNSPECIFIED,
+            dst_len: 0,
+            ifindex: 3,
+            via: RTR_B,
+            metric: 200,
+            src: None,
+        });
         let add = Action::AddRoute(Route {
             dst: Ipv6Addr::UNSPECIFIED,
             dst_len: 0,
@@ -1882,10 +1906,14 @@ mod tests {
             .iter()
             .position(|x| matches!(x, Action::SendImsUpdate(_)))
             .unwrap();
-        assert_eq!(ims, 0, "{a:?}");
+        assert_eq!(pos(&rm_old), 0, "{a:?}");
+        assert_eq!(pos(&add), 1, "{a:?}");
+        assert_eq!(pos(&rm_standby), 2, "{a:?}");
+        assert_eq!(ims, 3, "{a:?}");
         assert!(ims < pos(&na));
-        assert!(pos(&na) < pos(&add));
-        assert!(pos(&add) < pos(&rm));
+        assert!(pos(&na) < pos(&rm));
+        // The old route is removed once, not again with the rest.
+        assert_eq!(a.iter().filter(|x| **x == rm_old).count(), 1, "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::AddMoa { .. })));
         let u = updates(&a);
         assert_eq!(u.len(), 1);

@@ -1405,7 +1405,22 @@ impl Testbed {
                 },
             );
             match r {
-                Ok(r) => out.push(r),
+                Ok(r) => {
+                    // Timing diagnosis: MAT6_GUEST_LOG=1 prints the guest
+                    // agent's log tail (and the kernel's) after each leg.
+                    if std::env::var_os("MAT6_GUEST_LOG").is_some() {
+                        let log = vm
+                            .qemu
+                            .sh(
+                                "tail -n 60 /var/log/guest-agent.log; dmesg | tail -n 20",
+                                Duration::from_secs(5),
+                            )
+                            .map(|(_, o)| o)
+                            .unwrap_or_default();
+                        println!("guest log after the {mode} leg:\n{log}");
+                    }
+                    out.push(r)
+                }
                 Err(e) => {
                     let log = vm
                         .qemu
