@@ -500,6 +500,26 @@ fn nonce_seed() -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// An action's variant name, for timing traces.
+fn action_name(a: &Action) -> &'static str {
+    match a {
+        Action::SendRs { .. } => "SendRs",
+        Action::AddMoa { .. } => "AddMoa",
+        Action::RemoveMoa { .. } => "RemoveMoa",
+        Action::SetNeighbor { .. } => "SetNeighbor",
+        Action::RemoveNeighbor { .. } => "RemoveNeighbor",
+        Action::AddRoute(_) => "AddRoute",
+        Action::RemoveRoute(_) => "RemoveRoute",
+        Action::SetOwnSource { .. } => "SetOwnSource",
+        Action::RemoveOwnSource { .. } => "RemoveOwnSource",
+        Action::SendImsUpdate(_) => "SendImsUpdate",
+        Action::SendUnsolicitedNa { .. } => "SendUnsolicitedNa",
+        Action::SendPeerNotify { .. } => "SendPeerNotify",
+        Action::SetPeerMaps { .. } => "SetPeerMaps",
+        Action::HandoverDone(_) => "HandoverDone",
+    }
+}
+
 impl Agent {
     async fn handle(&mut self, ev: Event) {
         let now = Instant::now();
@@ -697,9 +717,15 @@ impl Agent {
     /// Executes every queued action.
     async fn drain(&mut self) {
         while let Some(a) = self.m.poll_action() {
+            let t = Instant::now();
             if let Err(e) = self.exec(a.clone()).await {
                 tracing::warn!(action = ?a, error = %e, "action failed");
             }
+            tracing::debug!(
+                action = action_name(&a),
+                us = t.elapsed().as_micros() as u64,
+                "action done"
+            );
         }
     }
 
