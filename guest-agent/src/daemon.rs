@@ -25,8 +25,8 @@ use mat6_net::netlink::{
 use mat6_net::nft::{self as nftx, NftError, NftSession};
 use mat6_net::sysctl::{self, Ipv6Key, SysctlError};
 use mat6_proto::mobility::{
-    self, Action, IfaceConfig, LinkEvent, Mobility, MobilityConfig, PeerBinding, RaInput, RaPrefix,
-    Timers,
+    self, Action, IfaceConfig, IfaceState, LinkEvent, Mobility, MobilityConfig, PeerBinding,
+    RaInput, RaPrefix, Timers,
 };
 use mat6_proto::ndp::NdpRepr;
 use mat6_proto::notify::{self, AckStatus, NotifyError, NotifyRepr};
@@ -528,7 +528,23 @@ impl Agent {
                 if !self.ifaces.contains_key(&l.ifindex) {
                     return;
                 }
-                let e = if l.carrier && l.admin_up {
+                let mut up = l.carrier && l.admin_up;
+                // A notify-peers event (virtio announce, e.g. host-prep's
+                // announce-self after `set_link off`) can be sent in the
+                // same config-change run just before the driver turns the
+                // carrier off, so it says "up". For the active link, ask
+                // the kernel for the carrier now: the switch then waits
+                // neither for the next announce nor for linkwatch (which
+                // defers a carrier-off by up to 1 s).
+                if up
+                    && l.notify_peers
+                    && matches!(self.m.iface_state(l.ifindex), Some(IfaceState::Active(_)))
+                {
+                    if let Ok(cur) = self.nl.link_by_index(l.ifindex).await {
+                        up = cur.carrier && cur.admin_up;
+                    }
+                }
+                let e = if up {
                     LinkEvent::CarrierUp
                 } else {
                     LinkEvent::CarrierDown
