@@ -531,6 +531,11 @@ pub struct IfaceStatus {
 
 const HANDOVER_HISTORY: usize = 16;
 
+/// How long after a move the old attachment's neighbour, translation and
+/// MoA stay (see [`Mobility::handle_link`]): past the first, slow moments of
+/// a just-migrated guest.
+pub const OLD_TEARDOWN_DELAY: Duration = Duration::from_millis(300);
+
 /// The mobility state machine.
 pub struct Mobility {
     cfg: MobilityConfig,
@@ -542,6 +547,11 @@ pub struct Mobility {
     /// Start-up: when to give up waiting for the primary and promote the
     /// secondary's standby.
     promote_at: Option<Instant>,
+    /// After a move: the old attachment's removal (neighbour, translation,
+    /// MoA; its routes are gone already), held back until the deadline so
+    /// that it does not compete with the data path for the just-migrated
+    /// guest's CPU. Interface index and actions.
+    deferred_teardown: Option<(Instant, usize, Vec<Action>)>,
     peers: BTreeMap<Ipv6Addr, PeerBinding>,
     notifies: BTreeMap<u64, (Ipv6Addr, PendingNotify)>,
     next_nonce: u64,
@@ -628,6 +638,7 @@ impl Mobility {
             last_accepted: None,
             refresh_at: None,
             promote_at: None,
+            deferred_teardown: None,
             peers: BTreeMap::new(),
             notifies: BTreeMap::new(),
             handover: None,
@@ -860,7 +871,14 @@ impl Mobility {
                 self.actions.push_back(Action::RemoveRoute(r));
             }
             self.promote(s, now, HandoverKind::Standby);
+            // The rest of the old attachment (a spawned nft run, address
+            // and neighbour removal) later: nothing on the data path needs
+            // it, and right after a migration the guest is slow.
+            self.flush_deferred();
+            let start = self.actions.len();
             self.teardown_rest(k, &a);
+            let rest: Vec<Action> = self.actions.drain(start..).collect();
+            self.deferred_teardown = Some((now + OLD_TEARDOWN_DELAY, k, rest));
         } else {
             self.teardown(k, &a, self.cfg.timers.active_metric);
             self.handover = Some(HandoverProgress {
@@ -895,6 +913,21 @@ impl Mobility {
             self.actions.push_back(Action::RemoveRoute(r));
         }
         self.teardown_rest(k, a);
+    }
+
+    /// Queues a held-back teardown now.
+    fn flush_deferred(&mut self) {
+        if let Some((_, _, acts)) = self.deferred_teardown.take() {
+            self.actions.extend(acts);
+        }
+    }
+
+    /// Queues a held-back teardown of interface `k` now (before anything
+    /// new is set up there).
+    fn flush_deferred_for(&mut self, k: usize) {
+        if self.deferred_teardown.as_ref().is_some_and(|d| d.1 == k) {
+            self.flush_deferred();
+        }
     }
 
     /// [`Self::teardown`] without the routes (already removed).
@@ -978,6 +1011,7 @@ impl Mobility {
     /// forgets pending IMS updates and notifications. The binding at the IMS
     /// is left to expire (a restart re-registers with a newer seq).
     pub fn shutdown(&mut self) {
+        self.flush_deferred();
         for k in 0..self.ifaces.len() {
             let old = std::mem::replace(&mut self.ifaces[k].state, IfaceState::Down);
             match old {
@@ -1122,6 +1156,7 @@ impl Mobility {
     /// Forms a MoA on the unconfigured interface `k`: active if nothing is,
     /// standby otherwise.
     fn attach(&mut self, k: usize, ra: &RaInput, prefix: Ipv6Addr, now: Instant) {
+        self.flush_deferred_for(k);
         let cfg = self.ifaces[k].cfg.clone();
         let a = Attachment {
             moa: moa_for(prefix, cfg.mac),
@@ -1185,6 +1220,7 @@ impl Mobility {
         prefix: Ipv6Addr,
         now: Instant,
     ) {
+        self.flush_deferred_for(k);
         // If a standby exists, it may be the better choice, but the active
         // link demonstrably works: stay on it with a new MoA.
         let cfg = self.ifaces[k].cfg.clone();
@@ -1538,6 +1574,7 @@ impl Mobility {
             }
         }
         min(self.promote_at);
+        min(self.deferred_teardown.as_ref().map(|d| d.0));
         if let Registration::Pending { client, .. } = &self.registration {
             min(client.poll_timeout());
         } else {
@@ -1551,6 +1588,9 @@ impl Mobility {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.deferred_teardown.as_ref().is_some_and(|d| d.0 <= now) {
+            self.flush_deferred();
+        }
         if self.promote_at.is_some_and(|t| t <= now) {
             self.promote_at = None;
             if self.active_idx().is_none() {
@@ -1911,7 +1951,11 @@ mod tests {
         assert_eq!(pos(&rm_standby), 2, "{a:?}");
         assert_eq!(ims, 3, "{a:?}");
         assert!(ims < pos(&na));
-        assert!(pos(&na) < pos(&rm));
+        // The rest of the old attachment is held back (OLD_TEARDOWN_DELAY).
+        assert!(!a.contains(&rm), "{a:?}");
+        assert!(m
+            .poll_timeout()
+            .is_some_and(|t| t <= c.at(1000) + OLD_TEARDOWN_DELAY));
         // The old route is removed once, not again with the rest.
         assert_eq!(a.iter().filter(|x| **x == rm_old).count(), 1, "{a:?}");
         assert!(!a.iter().any(|x| matches!(x, Action::AddMoa { .. })));
@@ -1940,6 +1984,26 @@ mod tests {
         m.handle_timeout(c.at(1053));
         assert_eq!(drain(&mut m).len(), 1);
         m.handle_peer_ack(1000, c.at(1060));
+        m.handle_timeout(c.at(1299));
+        assert!(drain(&mut m).is_empty());
+        // 300 ms after the move: the old neighbour, translation and MoA go.
+        m.handle_timeout(c.at(1300));
+        let a = drain(&mut m);
+        assert_eq!(
+            a,
+            vec![
+                Action::RemoveNeighbor {
+                    ifindex: 2,
+                    router: RTR_A
+                },
+                Action::RemoveOwnSource {
+                    ifindex: 2,
+                    ifname: "eth0".into(),
+                    moa: moa_for(PFX_A, MAC1)
+                },
+                rm
+            ]
+        );
         m.handle_timeout(c.at(2000));
         assert!(drain(&mut m).is_empty());
         let st = m.status(c.at(2000));
