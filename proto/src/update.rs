@@ -169,6 +169,27 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The fixed header of an update or ack: present, our version, the expected type.
+fn checked_header(buf: &[u8], header_len: usize, msg_type: u8) -> Result<&[u8], UpdateError> {
+    let h = buf
+        .get(..header_len)
+        .ok_or(UpdateError::BadLength(buf.len()))?;
+    if h[0] != VERSION {
+        return Err(UpdateError::BadVersion(h[0]));
+    }
+    if h[1] != msg_type {
+        return Err(UpdateError::BadType(h[1]));
+    }
+    Ok(h)
+}
+
+/// Constant-time check of the trailing HMAC tag of a checked datagram (its
+/// constructor guaranteed at least `TAG_LEN` bytes after the header).
+fn verify_tag(buf: &[u8], key: &hmac::Key) -> Result<(), UpdateError> {
+    let split = buf.len() - TAG_LEN;
+    hmac::verify(key, &buf[..split], &buf[split..]).map_err(|_| UpdateError::BadTag)
+}
+
 /// Checked view of an update datagram: lengths and header validated, tag not
 /// yet verified.
 #[derive(Debug, Clone, Copy)]
@@ -179,15 +200,7 @@ pub struct UpdatePacket<'a> {
 impl<'a> UpdatePacket<'a> {
     /// Validates the header and exact length.
     pub fn new_checked(buf: &'a [u8]) -> Result<Self, UpdateError> {
-        let h = buf
-            .get(..UPDATE_HEADER_LEN)
-            .ok_or(UpdateError::BadLength(buf.len()))?;
-        if h[0] != VERSION {
-            return Err(UpdateError::BadVersion(h[0]));
-        }
-        if h[1] != TYPE_UPDATE {
-            return Err(UpdateError::BadType(h[1]));
-        }
+        let h = checked_header(buf, UPDATE_HEADER_LEN, TYPE_UPDATE)?;
         let flags = h[2];
         let n = usize::from(h[3]);
         if flags & !(FLAG_ACTIVATE | FLAG_HAS_ACTIVE) != 0 || n > MAX_STANDBY {
@@ -218,8 +231,7 @@ impl<'a> UpdatePacket<'a> {
 
     /// Verifies the tag in constant time.
     pub fn verify(&self, key: &hmac::Key) -> Result<(), UpdateError> {
-        let split = self.buf.len() - TAG_LEN;
-        hmac::verify(key, &self.buf[..split], &self.buf[split..]).map_err(|_| UpdateError::BadTag)
+        verify_tag(self.buf, key)
     }
 
     /// The raw bytes.
@@ -360,15 +372,7 @@ pub struct AckPacket<'a> {
 impl<'a> AckPacket<'a> {
     /// Validates header and exact length.
     pub fn new_checked(buf: &'a [u8]) -> Result<Self, UpdateError> {
-        let h = buf
-            .get(..ACK_HEADER_LEN)
-            .ok_or(UpdateError::BadLength(buf.len()))?;
-        if h[0] != VERSION {
-            return Err(UpdateError::BadVersion(h[0]));
-        }
-        if h[1] != TYPE_ACK {
-            return Err(UpdateError::BadType(h[1]));
-        }
+        let h = checked_header(buf, ACK_HEADER_LEN, TYPE_ACK)?;
         if h[3] != 0 {
             return Err(UpdateError::Malformed);
         }
@@ -384,8 +388,7 @@ impl<'a> AckPacket<'a> {
 
     /// Verifies the tag in constant time.
     pub fn verify(&self, key: &hmac::Key) -> Result<(), UpdateError> {
-        let split = self.buf.len() - TAG_LEN;
-        hmac::verify(key, &self.buf[..split], &self.buf[split..]).map_err(|_| UpdateError::BadTag)
+        verify_tag(self.buf, key)
     }
 }
 
