@@ -98,7 +98,7 @@ for p in "${PKGS[@]}"; do
     case "$p" in
         guest-agent) pkg guest-agent "mat6 guest agent: mobility (HoA/MoA) and in-kernel translation" "nftables, libc6" ;;
         ims-server) pkg ims-server "mat6 IP address Mapping Server" "libc6" ;;
-        host-prep) pkg host-prep "mat6 host preparation and QEMU live-migration orchestration" "libc6, iproute2" ;;
+        host-prep) pkg host-prep "mat6 host preparation and QEMU live-migration orchestration" "libc6, iproute2, nftables" ;;
         *) log "unknown package $p"; exit 2 ;;
     esac
 done

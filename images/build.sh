@@ -86,6 +86,7 @@ WANT_MODS=(
     nf_reject_ipv6 nf_reject_ipv4 nft_reject nft_reject_inet nft_reject_ipv6
     nft_fib nft_fib_ipv6 nft_fib_inet nft_limit nft_quota nft_hash nft_numgen
     nf_nat nft_nat nft_chain_nat nft_log nf_log_syslog
+    nf_dup_ipv6 nft_dup_ipv6
 )
 
 # Fingerprint of everything that goes into the initramfs.

@@ -174,6 +174,12 @@ pub struct DaemonConfig {
     /// Router Solicitation interval, milliseconds.
     #[serde(default = "default_rs_interval")]
     pub rs_interval_ms: u64,
+    /// Copy the active link's outgoing HoA traffic to the standby link
+    /// while a standby is ready (see the README, "Bicast"). On for a VM
+    /// whose standby host-prep prepares on a bridge with no uplink; leave
+    /// it off when the secondary is a live link of its own.
+    #[serde(default)]
+    pub standby_bicast: bool,
 }
 
 impl Default for DaemonConfig {
@@ -186,6 +192,7 @@ impl Default for DaemonConfig {
             active_metric: default_active_metric(),
             standby_metric: default_standby_metric(),
             rs_interval_ms: default_rs_interval(),
+            standby_bicast: false,
         }
     }
 }

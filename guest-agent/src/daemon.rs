@@ -400,6 +400,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         binding_lifetime_s: cfg.ims.binding_lifetime_s,
         active_metric: cfg.agent.active_metric,
         standby_metric: cfg.agent.standby_metric,
+        standby_bicast: cfg.agent.standby_bicast,
         rs_interval: std::time::Duration::from_millis(cfg.agent.rs_interval_ms),
         ..Timers::default()
     };
@@ -508,6 +509,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::RemoveMoa { .. } => "RemoveMoa",
         Action::SetNeighbor { .. } => "SetNeighbor",
         Action::RemoveNeighbor { .. } => "RemoveNeighbor",
+        Action::SetBicast(_) => "SetBicast",
         Action::AddRoute(_) => "AddRoute",
         Action::RemoveRoute(_) => "RemoveRoute",
         Action::SetOwnSource { .. } => "SetOwnSource",
@@ -788,6 +790,19 @@ impl Agent {
             }
             Action::RemoveNeighbor { ifindex, router } => {
                 let _ = self.nl.neigh_del(ifindex, router).await;
+            }
+            Action::SetBicast(b) => {
+                let s = self.tr.bicast(
+                    b.as_ref()
+                        .map(|b| (b.from_ifname.as_str(), b.to_ifname.as_str(), b.via)),
+                );
+                self.nft_run(&s).await?;
+                match b {
+                    Some(b) => {
+                        tracing::info!(from = %b.from_ifname, to = %b.to_ifname, via = %b.via, "bicast to the standby link on")
+                    }
+                    None => tracing::info!("bicast off"),
+                }
             }
             Action::AddRoute(r) => {
                 let mut rt = Route6::to(r.dst, r.dst_len, r.ifindex)?

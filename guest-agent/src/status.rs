@@ -73,6 +73,15 @@ pub fn render(doc: &Value) -> String {
             standby.join(", ")
         }
     ));
+    let b = &st["bicast"];
+    if b.is_object() {
+        out.push_str(&format!(
+            "bicast:         {} -> {} via {}\n",
+            s(&b["from_ifname"]),
+            s(&b["to_ifname"]),
+            s(&b["via"])
+        ));
+    }
     out.push_str(&format!(
         "binding:        seq {}  expires in {} s{}\n",
         s(&st["binding_seq"]),
@@ -147,11 +156,12 @@ mod tests {
 
     #[test]
     fn renders_a_status_document() {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "status": {
                 "hoa": "2001:db8:ff::1",
                 "active_moa": "2001:db8:b::1",
                 "standby_moas": [],
+                "bicast": {"from_ifname": "eth1", "to_ifname": "eth0", "via": "fe80::a"},
                 "binding_seq": 12,
                 "binding_expires_in_s": 590,
                 "registration_pending": false,
@@ -171,6 +181,9 @@ mod tests {
         assert!(r.contains("2001:db8:ff::2"));
         assert!(r.contains("IMS ack 1.5 ms"));
         assert!(r.contains("seq 12"));
+        assert!(r.contains("bicast:         eth1 -> eth0 via fe80::a"));
+        doc["status"]["bicast"] = Value::Null;
+        assert!(!render(&doc).contains("bicast:"));
     }
 
     #[tokio::test]

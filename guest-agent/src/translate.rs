@@ -10,7 +10,11 @@
 //!   output      (type route, raw):  drop TCP RST / ICMPv6 unreachable sourced
 //!                                   from an own MoA;
 //!                                   saddr == HoA: daddr := peer_out[daddr], notrack
-//!   postrouting (filter, srcnat):   saddr == HoA: saddr := own_src[oifname]
+//!   postrouting (filter, srcnat):   saddr == HoA: jump bicast;
+//!                                   saddr := own_src[oifname]
+//!   bicast      (regular chain):    empty, or while a standby is ready and
+//!                                   bicast is on: oifname == active:
+//!                                   dup to standby router via standby link
 //!   prerouting  (filter, raw):      daddr in own_moas: saddr := peer_in[saddr],
 //!                                   daddr := HoA, notrack
 //! ```
@@ -18,7 +22,9 @@
 //! The output chain is a `route` chain, so the kernel re-routes a packet
 //! whose destination it rewrote. The source is chosen by outgoing interface
 //! in postrouting, so switching interfaces is one route change and never an
-//! nft call. Translated packets are `notrack`: conntrack would otherwise see
+//! nft call. The bicast copy (nftables `dup`, taken before the source is
+//! rewritten) goes through postrouting again on the standby link and gets
+//! the standby MoA there. Translated packets are `notrack`: conntrack would otherwise see
 //! the two directions of a flow under different addresses. A map miss ends
 //! the rule, so traffic that is not between HoAs passes untouched.
 //!
@@ -47,8 +53,11 @@ pub fn ruleset(table: &str, hoa: Ipv6Addr) -> String {
          \t\tip6 saddr @own_moas icmpv6 type destination-unreachable drop\n\
          \t\tip6 saddr {hoa} ip6 daddr set ip6 daddr map @peer_out notrack\n\
          \t}}\n\
+         \tchain bicast {{\n\
+         \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype filter hook postrouting priority srcnat; policy accept;\n\
+         \t\tip6 saddr {hoa} jump bicast\n\
          \t\tip6 saddr {hoa} ip6 saddr set oifname map @own_src\n\
          \t}}\n\
          \tchain prerouting {{\n\
@@ -192,6 +201,24 @@ impl Translation {
         s
     }
 
+    /// The bicast chain's new content: with `Some((from, to, via))`, HoA
+    /// packets routed out of `from` are also sent through `to` to the
+    /// router `via` (link-local); with `None`, nothing is copied. One
+    /// transaction, so there is never a moment with two copy rules.
+    pub fn bicast(&self, b: Option<(&str, &str, Ipv6Addr)>) -> String {
+        let t = &self.table;
+        let mut s = format!("flush chain ip6 {t} bicast\n");
+        if let Some((from, to, via)) = b {
+            let _ = writeln!(
+                s,
+                "add rule ip6 {t} bicast oifname {} dup to {via} device {}",
+                quote_ifname(from),
+                quote_ifname(to)
+            );
+        }
+        s
+    }
+
     /// Unmaps `ifname` if it maps to `moa`.
     pub fn remove_own(&mut self, ifname: &str, moa: Ipv6Addr) -> String {
         let t = &self.table;
@@ -229,6 +256,11 @@ mod tests {
             r.contains("ip6 saddr 2001:db8:ff::1 ip6 daddr set ip6 daddr map @peer_out notrack")
         );
         assert!(r.contains("ip6 saddr 2001:db8:ff::1 ip6 saddr set oifname map @own_src"));
+        // The copy is taken before the source is rewritten.
+        let jump = r.find("ip6 saddr 2001:db8:ff::1 jump bicast").unwrap();
+        let set = r.find("ip6 saddr set oifname map @own_src").unwrap();
+        assert!(jump < set);
+        assert!(r.contains("chain bicast {"));
         assert!(r.contains(
             "ip6 daddr @own_moas ip6 saddr set ip6 saddr map @peer_in ip6 daddr set 2001:db8:ff::1 notrack"
         ));
@@ -275,6 +307,17 @@ mod tests {
         let s = t.set_peer(a("2001:db8:ff::3"), Some(m), &[m]);
         assert!(s.contains("delete element ip6 m peer_in { 2001:db8:a::9 }"));
         assert!(s.contains("add element ip6 m peer_in { 2001:db8:a::9 : 2001:db8:ff::3 }"));
+    }
+
+    #[test]
+    fn bicast_chain_is_replaced_whole() {
+        let t = Translation::new("m");
+        assert_eq!(
+            t.bicast(Some(("eth0", "eth1", a("fe80::1")))),
+            "flush chain ip6 m bicast\n\
+             add rule ip6 m bicast oifname \"eth0\" dup to fe80::1 device \"eth1\"\n"
+        );
+        assert_eq!(t.bicast(None), "flush chain ip6 m bicast\n");
     }
 
     #[test]

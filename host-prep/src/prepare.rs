@@ -4,9 +4,11 @@
 //!
 //! Steps, each timed: site lookup → bridge impersonates the destination
 //! gateway (MAC + link-local, nodad) → RA sender on the bridge → standby NIC
-//! carrier on (QMP `set_link`) → standby MoA at the IMS. Any failure undoes
-//! what was done (RA sender stopped with a final RA, address removed, MAC
-//! restored) before the error is returned.
+//! carrier on (QMP `set_link`) → standby MoA at the IMS. The bridge also
+//! gets an nftables filter that lets only Neighbor Discovery reach the
+//! host's stack from it. Any failure undoes what was done (RA sender stopped
+//! with a final RA, filter removed, address removed, MAC restored) before
+//! the error is returned.
 
 use std::net::Ipv6Addr;
 use std::time::Instant;
@@ -75,6 +77,8 @@ struct Undo {
     nl: Netlink,
     nl_task: JoinHandle<()>,
     imp: Option<Impersonation>,
+    /// The bridge whose isolation filter is installed.
+    isolated: Option<String>,
     ra: Option<RaTask>,
 }
 
@@ -87,6 +91,11 @@ impl Undo {
                 Err(e) => {
                     first.get_or_insert(Error::from(e));
                 }
+            }
+        }
+        if let Some(br) = self.isolated.take() {
+            if let Err(e) = bridge::unisolate(&br).await {
+                first.get_or_insert(Error::from(e));
             }
         }
         if let Some(imp) = self.imp.take() {
@@ -106,6 +115,13 @@ impl Drop for Undo {
     /// Safety net when a `Prepared` is dropped without `release` (a signal
     /// ended the command): put the bridge back with synchronous `ip` calls.
     fn drop(&mut self) {
+        if let Some(br) = self.isolated.take() {
+            let _ = std::process::Command::new(mat6_net::nft::NFT)
+                .args(["delete", "table", "ip6", &bridge::isolation_table(&br)])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         if let Some(imp) = self.imp.take() {
             tracing::warn!(bridge = %imp.bridge, "restoring bridge on drop");
             let run = |args: &[&str]| {
@@ -228,6 +244,7 @@ pub async fn prepare<R: Registry>(
         nl,
         nl_task,
         imp: None,
+        isolated: None,
         ra: None,
     };
     let result = async {
@@ -253,6 +270,11 @@ pub async fn prepare<R: Registry>(
         .await?;
         let ifindex = imp.ifindex;
         undo.imp = Some(imp);
+        // Only Neighbor Discovery reaches this host's stack from the bridge:
+        // a host that routes must not forward what the guest sends to the
+        // impersonated gateway (the guest-agent's bicast copies).
+        bridge::isolate(&standby_bridge).await?;
+        undo.isolated = Some(standby_bridge.clone());
         step("bridge", &mut t);
 
         let timing = ra::timing_for(site.ra.as_ref(), RaTiming::from(&host.cfg.ra));

@@ -12,6 +12,7 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo
 use rtnetlink::LinkUnspec;
 
 use crate::netlink::{fmt_mac, AddrSpec, LinkInfo, Netlink, NetlinkError};
+use crate::nft::{self, Family, NftError};
 
 /// Errors of the bridge helpers; each names the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,16 @@ pub enum BridgeError {
         bridge: String,
         /// The offending port.
         port: String,
+    },
+    /// The filter that keeps the bridge's traffic on the link could not be
+    /// installed or removed.
+    #[error("bridge {bridge}: nftables filter: {source}")]
+    Filter {
+        /// The bridge.
+        bridge: String,
+        /// The error.
+        #[source]
+        source: NftError,
     },
     /// A netlink request failed.
     #[error("bridge {bridge}: {source}")]
@@ -241,5 +252,87 @@ pub async fn restore(nl: &Netlink, imp: &Impersonation) -> Result<(), BridgeErro
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Name of the nftables table (family `ip6`) that [`isolate`] installs for
+/// `bridge`.
+pub fn isolation_table(bridge: &str) -> String {
+    let clean: String = bridge
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("mat6_nu_{clean}")
+}
+
+/// The ruleset of [`isolate`]: on a bridge that impersonates a gateway, the
+/// host's own stack accepts Neighbor Discovery (the guest resolves the
+/// gateway, solicits routers) and drops every other IPv6 packet sent to
+/// it, so nothing the guest sends towards the impersonated gateway (e.g.
+/// guest-agent's bicast copies) is forwarded by a host that routes. Replaces
+/// a table left by a crash.
+pub fn isolation_ruleset(bridge: &str) -> Result<String, NftError> {
+    if bridge.is_empty()
+        || bridge.len() > 15
+        || bridge
+            .chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Err(NftError::BadArgument(bridge.to_owned()));
+    }
+    let t = isolation_table(bridge);
+    Ok(format!(
+        "add table ip6 {t}\n\
+         delete table ip6 {t}\n\
+         table ip6 {t} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority raw; policy accept;\n\
+         \t\tiifname \"{bridge}\" icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }} accept\n\
+         \t\tiifname \"{bridge}\" drop\n\
+         \t}}\n\
+         }}\n"
+    ))
+}
+
+/// Installs [`isolation_ruleset`] for `bridge`.
+pub async fn isolate(bridge: &str) -> Result<(), BridgeError> {
+    let err = |source| BridgeError::Filter {
+        bridge: bridge.to_string(),
+        source,
+    };
+    let rules = isolation_ruleset(bridge).map_err(err)?;
+    nft::apply(&rules).await.map_err(err)?;
+    Ok(())
+}
+
+/// Removes what [`isolate`] installed (no error if it is gone already).
+pub async fn unisolate(bridge: &str) -> Result<(), BridgeError> {
+    nft::delete_table(Family::Ip6, &isolation_table(bridge))
+        .await
+        .map(|_| ())
+        .map_err(|source| BridgeError::Filter {
+            bridge: bridge.to_string(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn isolation_accepts_nd_and_drops_the_rest() {
+        let r = isolation_ruleset("br0-nu").unwrap();
+        assert!(r.starts_with("add table ip6 mat6_nu_br0_nu\ndelete table ip6 mat6_nu_br0_nu\n"));
+        let nd = r
+            .find("iifname \"br0-nu\" icmpv6 type { nd-router-solicit")
+            .unwrap();
+        let drop = r.find("iifname \"br0-nu\" drop").unwrap();
+        assert!(nd < drop);
+        assert!(r.contains("hook prerouting priority raw; policy accept;"));
+        for bad in ["", "a\"b", "a\\b", "sixteen-chars-xx"] {
+            assert!(isolation_ruleset(bad).is_err(), "{bad:?}");
+        }
     }
 }

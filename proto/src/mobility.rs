@@ -89,6 +89,16 @@ pub struct Timers {
     pub active_metric: u32,
     /// Route metric of the standby interface's routes.
     pub standby_metric: u32,
+    /// Bicast to the standby: while there is both an active and a standby
+    /// attachment, the active link's outgoing HoA traffic is also sent,
+    /// with the standby MoA as source, through the standby link
+    /// ([`Action::SetBicast`]). For a standby that host-prep prepared on a
+    /// bridge with no uplink: before the migration the copies end on that
+    /// bridge, after it the originals end on the old NIC (carrier off), so
+    /// the guest's first packets after resume already leave through the
+    /// right link, before the guest-agent runs at all. Off for a standby on
+    /// a live link (peers would get every packet twice).
+    pub standby_bicast: bool,
 }
 
 impl Default for Timers {
@@ -104,6 +114,7 @@ impl Default for Timers {
             binding_lifetime_s: 600,
             active_metric: 100,
             standby_metric: 200,
+            standby_bicast: false,
         }
     }
 }
@@ -266,6 +277,11 @@ pub enum Action {
         /// Router link-local address.
         router: Ipv6Addr,
     },
+    /// Set (or, with `None`, clear) the bicast of the active link's
+    /// outgoing HoA traffic to the standby link ([`Timers::standby_bicast`]).
+    /// Derived from the interface states: queued whenever they change what
+    /// it should be, after the actions that made the change.
+    SetBicast(Option<Bicast>),
     /// Add (or replace) a route.
     AddRoute(Route),
     /// Delete a route.
@@ -347,6 +363,17 @@ pub struct Route {
     pub metric: u32,
     /// Preferred source (the HoA for peer prefixes).
     pub src: Option<Ipv6Addr>,
+}
+
+/// The active link's outgoing HoA traffic copied to the standby link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bicast {
+    /// The active interface (packets routed out of it are copied).
+    pub from_ifname: String,
+    /// The standby interface (the copies leave through it).
+    pub to_ifname: String,
+    /// The standby router's link-local address (the copies' next hop).
+    pub via: Ipv6Addr,
 }
 
 /// What kind of move a handover was.
@@ -502,6 +529,8 @@ pub struct Status {
     pub active_moa: Option<Ipv6Addr>,
     /// Standby MoAs.
     pub standby_moas: Vec<Ipv6Addr>,
+    /// The bicast to the standby link, when installed.
+    pub bicast: Option<Bicast>,
     /// Last seq the IMS accepted.
     pub binding_seq: Option<u64>,
     /// Last accepted binding's expiry, seconds from the snapshot.
@@ -552,6 +581,8 @@ pub struct Mobility {
     /// that it does not compete with the data path for the just-migrated
     /// guest's CPU. Interface index and actions.
     deferred_teardown: Option<(Instant, usize, Vec<Action>)>,
+    /// The bicast as last queued ([`Action::SetBicast`]).
+    bicast: Option<Bicast>,
     peers: BTreeMap<Ipv6Addr, PeerBinding>,
     notifies: BTreeMap<u64, (Ipv6Addr, PendingNotify)>,
     next_nonce: u64,
@@ -639,6 +670,7 @@ impl Mobility {
             refresh_at: None,
             promote_at: None,
             deferred_teardown: None,
+            bicast: None,
             peers: BTreeMap::new(),
             notifies: BTreeMap::new(),
             handover: None,
@@ -655,7 +687,31 @@ impl Mobility {
 
     /// The next action for the I/O layer.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() {
+            let want = self.wanted_bicast();
+            if want != self.bicast {
+                self.bicast.clone_from(&want);
+                self.actions.push_back(Action::SetBicast(want));
+            }
+        }
         self.actions.pop_front()
+    }
+
+    /// What the bicast should be in the current interface states.
+    fn wanted_bicast(&self) -> Option<Bicast> {
+        if !self.cfg.timers.standby_bicast {
+            return None;
+        }
+        let a = self.active_idx()?;
+        let s = self.standby_idx()?;
+        let IfaceState::Standby(sa) = &self.ifaces[s].state else {
+            return None;
+        };
+        Some(Bicast {
+            from_ifname: self.ifaces[a].cfg.name.clone(),
+            to_ifname: self.ifaces[s].cfg.name.clone(),
+            via: sa.router,
+        })
     }
 
     /// State of an interface.
@@ -730,6 +786,7 @@ impl Mobility {
                 .collect(),
             active_moa: self.active_moa(),
             standby_moas: self.standby_moas(),
+            bicast: self.bicast.clone(),
             binding_seq: self.accepted_seq(),
             binding_expires_in_s: self
                 .last_accepted
@@ -1883,6 +1940,99 @@ mod tests {
         ack(&mut m, u[0].seq, c.at(102));
         drain(&mut m);
         m
+    }
+
+    #[test]
+    fn bicast_follows_the_standby() {
+        let c = Clock(Instant::now());
+        let mut cf = cfg(vec![]);
+        cf.timers.standby_bicast = true;
+        let mut m = Mobility::new(cf);
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(5));
+        let a = drain(&mut m);
+        // Only an active attachment: nothing to copy to.
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::SetBicast(_))),
+            "{a:?}"
+        );
+        ack(&mut m, updates(&a)[0].seq, c.at(6));
+        drain(&mut m);
+
+        // A standby on eth1: the copy rule comes after its neighbour and
+        // routes, as the last action.
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(101));
+        let a = drain(&mut m);
+        let on = Action::SetBicast(Some(Bicast {
+            from_ifname: "eth0".into(),
+            to_ifname: "eth1".into(),
+            via: RTR_B,
+        }));
+        assert_eq!(a.last(), Some(&on), "{a:?}");
+        assert_eq!(a.iter().filter(|x| **x == on).count(), 1);
+        let nb = a
+            .iter()
+            .position(|x| matches!(x, Action::SetNeighbor { ifindex: 3, .. }))
+            .unwrap();
+        assert!(nb < a.len() - 1);
+        assert_eq!(
+            m.status(c.at(101)).bicast,
+            Some(Bicast {
+                from_ifname: "eth0".into(),
+                to_ifname: "eth1".into(),
+                via: RTR_B,
+            })
+        );
+        ack(&mut m, updates(&a)[0].seq, c.at(102));
+        // Nothing changed: not queued again.
+        assert!(!drain(&mut m)
+            .iter()
+            .any(|x| matches!(x, Action::SetBicast(_))));
+
+        // The switch: the old routes go first, the copy rule (inert once
+        // nothing is routed out of eth0) is cleared last.
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let a = drain(&mut m);
+        assert!(
+            matches!(a[0], Action::RemoveRoute(Route { ifindex: 2, .. })),
+            "{a:?}"
+        );
+        assert_eq!(a.last(), Some(&Action::SetBicast(None)), "{a:?}");
+        assert_eq!(m.status(c.at(1000)).bicast, None);
+
+        // The next migration prepares eth0 as the standby: copies go the
+        // other way.
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(2000));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(2001));
+        let a = drain(&mut m);
+        assert_eq!(
+            a.last(),
+            Some(&Action::SetBicast(Some(Bicast {
+                from_ifname: "eth1".into(),
+                to_ifname: "eth0".into(),
+                via: RTR_A,
+            }))),
+            "{a:?}"
+        );
+        // Losing the standby clears it too.
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(3000));
+        assert_eq!(drain(&mut m).last(), Some(&Action::SetBicast(None)));
+    }
+
+    #[test]
+    fn no_bicast_unless_configured() {
+        let c = Clock(Instant::now());
+        let mut m = with_standby(&c);
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let mut all = drain(&mut m);
+        m.handle_timeout(c.at(5000));
+        all.extend(drain(&mut m));
+        assert!(
+            !all.iter().any(|x| matches!(x, Action::SetBicast(_))),
+            "{all:?}"
+        );
+        assert_eq!(m.status(c.at(5000)).bicast, None);
     }
 
     #[test]

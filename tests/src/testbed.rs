@@ -990,8 +990,12 @@ fn agent_toml(
             "[[interfaces]]\nname = \"{name}\"\nrole = \"{role}\"\nallowed_routers = [\"fe80::1\"]\n"
         ));
     }
+    // The VM's secondary is prepared on a bridge with no uplink: bicast to
+    // it (the CN has one NIC, so it never has a standby to copy to).
+    // MAT6_BICAST=0 turns it off, to measure what it saves.
+    let bicast = std::env::var("MAT6_BICAST").map_or(true, |v| v != "0");
     t.push_str(&format!(
-        "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\n"
+        "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\nstandby_bicast = {bicast}\n"
     ));
     t
 }

@@ -356,6 +356,47 @@ fn prepare_impersonates_gateway_waits_for_standby_and_undoes_on_sigterm() {
     );
     assert!(rd.to_lowercase().contains(&mac_str(RB_MAC)), "{rd}");
 
+    // Only Neighbor Discovery reaches the host's stack from the bridge: the
+    // VM resolves the impersonated gateway, but a packet it sends there
+    // (an echo request here, bicast copies in real use) is dropped, never
+    // forwarded.
+    let table = hb
+        .bed
+        .sw
+        .command("nft")
+        .args(["list", "table", "ip6", "mat6_nu_brX"])
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "{}", stderr(&table));
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("iifname \"brX\" drop"),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    let ping = hb
+        .bed
+        .vm
+        .exec(
+            "ping",
+            &["-6", "-c", "2", "-i", "0.2", "-W", "1", "fe80::b%eth1"],
+        )
+        .unwrap();
+    assert!(
+        !ping.status.success(),
+        "echo to the impersonated gateway answered: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let neigh = hb
+        .bed
+        .vm
+        .exec("ip", &["-6", "neigh", "show", "dev", "eth1"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&neigh.stdout).contains("fe80::b"),
+        "{}",
+        String::from_utf8_lossy(&neigh.stdout)
+    );
+
     // A second preparation of the same bridge is refused while this one
     // holds it, and changes nothing.
     let held = hb.brx();
@@ -373,6 +414,14 @@ fn prepare_impersonates_gateway_waits_for_standby_and_undoes_on_sigterm() {
     let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
     assert!(st.success(), "prepare exited with {st}{}", diag());
     assert_eq!(hb.brx(), before, "brX restored");
+    let gone = hb
+        .bed
+        .sw
+        .command("nft")
+        .args(["list", "table", "ip6", "mat6_nu_brX"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "isolation filter left behind");
 }
 
 #[test]
@@ -394,6 +443,14 @@ fn prepare_errors_exit_nonzero_name_the_problem_and_leave_nothing() {
         assert_eq!(o.status.code(), Some(code), "{what}: {err}");
         assert!(err.contains(msg), "{what}: {err:?} lacks {msg:?}");
         assert_eq!(hb.brx(), before, "{what}: brX changed");
+        let filter = hb
+            .bed
+            .sw
+            .command("nft")
+            .args(["list", "table", "ip6", "mat6_nu_brX"])
+            .output()
+            .unwrap();
+        assert!(!filter.status.success(), "{what}: isolation filter left");
     };
     let prep = ["prepare", "--vm", "vm", "--to"];
 
