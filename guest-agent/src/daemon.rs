@@ -121,10 +121,14 @@ fn sock_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentErro
     move |source| AgentError::Socket { what, source }
 }
 
-/// Sends `data` to `dst` from the local address `src` (IPV6_PKTINFO).
+/// Sends `data` to `dst` from the local address `src` out of interface
+/// `ifindex` (0: wherever the routes say) (IPV6_PKTINFO). Pinning a MoA's
+/// signalling to the MoA's own link keeps it right while the routes still
+/// point at the old one (a bicast switch changes them later).
 async fn send_from(
     sock: &UdpSocket,
     src: Ipv6Addr,
+    ifindex: u32,
     dst: SocketAddrV6,
     data: &[u8],
 ) -> std::io::Result<usize> {
@@ -133,7 +137,7 @@ async fn send_from(
         ipi6_addr: nix::libc::in6_addr {
             s6_addr: src.octets(),
         },
-        ipi6_ifindex: 0,
+        ipi6_ifindex: ifindex,
     };
     let iov = [IoSlice::new(data)];
     sock.async_io(Interest::WRITABLE, || {
@@ -833,7 +837,8 @@ impl Agent {
             }
             Action::SendImsUpdate(u) => {
                 let dst = to_sockaddr_v6(self.cfg.ims.update_addr);
-                send_from(&self.ims_sock, u.src, dst, &u.datagram)
+                let oif = self.oif_of(u.src);
+                send_from(&self.ims_sock, u.src, oif, dst, &u.datagram)
                     .await
                     .map_err(sock_err("send IMS update"))?;
                 tracing::debug!(seq = u.seq, activate = u.activate, active = ?u.active, standby = ?u.standby, "IMS update sent");
@@ -860,7 +865,8 @@ impl Agent {
                 let n = NotifyRepr::Notify { nonce, assertion };
                 if let Ok(b) = n.to_vec() {
                     let to = SocketAddrV6::new(dst, self.cfg.agent.notify_port, 0, 0);
-                    send_from(&self.notify_sock, src, to, &b)
+                    let oif = self.oif_of(src);
+                    send_from(&self.notify_sock, src, oif, to, &b)
                         .await
                         .map_err(sock_err("send peer notification"))?;
                     tracing::debug!(peer = %peer_hoa, %dst, "peer notified");
@@ -877,6 +883,15 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The interface holding our MoA `src` (0 when it is none of ours).
+    fn oif_of(&self, src: Ipv6Addr) -> u32 {
+        self.m
+            .own_moas()
+            .into_iter()
+            .find(|(_, m)| *m == src)
+            .map_or(0, |(i, _)| i)
     }
 
     /// Runs a multi-line script as one nft transaction.

@@ -126,6 +126,11 @@ pub enum ClientError {
     Encode(#[from] update::UpdateError),
 }
 
+/// Longest a TCP connect, and then a TLS handshake, to the IMS control
+/// channel may take before the attempt is abandoned (and, for [`Watch`],
+/// retried on a new socket).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClientError {
     let context = context.into();
     move |source| ClientError::Io { context, source }
@@ -407,14 +412,29 @@ impl TlsSettings {
         &self,
         addr: SocketAddr,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
-        let tcp = TcpStream::connect(addr)
+        // Bounded: a SYN that left with an unusable source (e.g. the HoA,
+        // while a booting node has no MoA yet, whose SYN-ACK can never come
+        // back) would otherwise be retransmitted with that source for the
+        // kernel's ~2 minutes; a new socket picks the source again.
+        let timed_out = |what: &str| ClientError::Io {
+            context: format!("{what} IMS control {addr}"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            ),
+        };
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
+            .map_err(|_| timed_out("connect to"))?
             .map_err(io_err(format!("connect to IMS control {addr}")))?;
         let _ = tcp.set_nodelay(true);
-        TlsConnector::from(self.config.clone())
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(io_err(format!("TLS handshake with IMS control {addr}")))
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TlsConnector::from(self.config.clone()).connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| timed_out("TLS handshake with"))?
+        .map_err(io_err(format!("TLS handshake with IMS control {addr}")))
     }
 }
 
@@ -824,6 +844,31 @@ mod tests {
             TlsSettings::from_ca_ders(vec![], "not a name!"),
             Err(ClientError::BadServerName(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn silent_server_times_out_the_handshake() {
+        // Accepts the TCP connection and never speaks TLS.
+        let l = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let tls = TlsSettings::from_ca_ders(vec![], "localhost").unwrap();
+        let t0 = Instant::now();
+        let e = ControlClient::connect(addr, &tls).await.unwrap_err();
+        assert!(t0.elapsed() >= CONNECT_TIMEOUT);
+        assert!(
+            e.to_string().contains("TLS handshake with IMS control"),
+            "{e}"
+        );
+        assert!(
+            matches!(&e, ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        hold.abort();
     }
 
     #[test]

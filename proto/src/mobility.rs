@@ -702,6 +702,11 @@ impl Mobility {
         if !self.cfg.timers.standby_bicast {
             return None;
         }
+        // A move whose route changes are still held back: the copies are
+        // what carries the data path until then.
+        if self.deferred_teardown.is_some() && self.bicast.is_some() {
+            return self.bicast.clone();
+        }
         let a = self.active_idx()?;
         let s = self.standby_idx()?;
         let IfaceState::Standby(sa) = &self.ifaces[s].state else {
@@ -921,20 +926,38 @@ impl Mobility {
     /// standby's routes get the active metric, then the IMS activation and
     /// the NA leave (through the new link), then the rest of the old
     /// attachment is removed.
+    ///
+    /// With the bicast installed the data path has moved already (the
+    /// kernel sends every HoA packet through the standby link too), so the
+    /// route changes wait with the rest of the old attachment's removal
+    /// ([`OLD_TEARDOWN_DELAY`]) and the bicast stays until then: right after
+    /// a migration the guest's one vCPU is better spent on the packets than
+    /// on netlink and nft. The IMS activation and the NA leave at once (the
+    /// I/O layer sends each from its MoA's own interface).
     fn lose_active(&mut self, k: usize, a: Attachment, now: Instant) {
         if let Some(s) = self.standby_idx() {
             let metric = self.cfg.timers.active_metric;
-            for r in self.routes_for(k, &a, metric) {
-                self.actions.push_back(Action::RemoveRoute(r));
+            self.flush_deferred();
+            let mut routes: Vec<Action> = self
+                .routes_for(k, &a, metric)
+                .into_iter()
+                .map(Action::RemoveRoute)
+                .collect();
+            routes.extend(self.promote_routes(s));
+            let defer_routes = self.bicast.is_some();
+            if !defer_routes {
+                self.actions.extend(routes.drain(..));
             }
             self.promote(s, now, HandoverKind::Standby);
             // The rest of the old attachment (a spawned nft run, address
             // and neighbour removal) later: nothing on the data path needs
             // it, and right after a migration the guest is slow.
-            self.flush_deferred();
             let start = self.actions.len();
             self.teardown_rest(k, &a);
-            let rest: Vec<Action> = self.actions.drain(start..).collect();
+            let rest: Vec<Action> = routes
+                .into_iter()
+                .chain(self.actions.drain(start..))
+                .collect();
             self.deferred_teardown = Some((now + OLD_TEARDOWN_DELAY, k, rest));
         } else {
             self.teardown(k, &a, self.cfg.timers.active_metric);
@@ -1007,20 +1030,33 @@ impl Mobility {
         });
     }
 
-    /// Makes the standby on `s` the active attachment: its routes first
-    /// (active metric added, standby metric removed), then the IMS
-    /// activation and the NA, which then leave through the new link.
+    /// The route changes that make the standby on `s` the active
+    /// attachment: active metric added, standby metric removed.
+    fn promote_routes(&self, s: usize) -> Vec<Action> {
+        let IfaceState::Standby(a) = &self.ifaces[s].state else {
+            return Vec::new();
+        };
+        let t = &self.cfg.timers;
+        let mut v: Vec<Action> = self
+            .routes_for(s, a, t.active_metric)
+            .into_iter()
+            .map(Action::AddRoute)
+            .collect();
+        v.extend(
+            self.routes_for(s, a, t.standby_metric)
+                .into_iter()
+                .map(Action::RemoveRoute),
+        );
+        v
+    }
+
+    /// Makes the standby on `s` the active attachment (its routes are the
+    /// caller's: [`Self::promote_routes`]), then the IMS activation and the
+    /// NA.
     fn promote(&mut self, s: usize, now: Instant, kind: HandoverKind) {
         let IfaceState::Standby(a) = self.ifaces[s].state.clone() else {
             return;
         };
-        let t = self.cfg.timers.clone();
-        for r in self.routes_for(s, &a, t.active_metric) {
-            self.actions.push_back(Action::AddRoute(r));
-        }
-        for r in self.routes_for(s, &a, t.standby_metric) {
-            self.actions.push_back(Action::RemoveRoute(r));
-        }
         self.ifaces[s].state = IfaceState::Active(a.clone());
         self.activated(s, &a, now, now, kind);
     }
@@ -1652,6 +1688,8 @@ impl Mobility {
             self.promote_at = None;
             if self.active_idx().is_none() {
                 if let Some(s) = self.standby_idx() {
+                    let routes = self.promote_routes(s);
+                    self.actions.extend(routes);
                     self.promote(s, now, HandoverKind::Initial);
                 }
             }
@@ -1990,16 +2028,52 @@ mod tests {
             .iter()
             .any(|x| matches!(x, Action::SetBicast(_))));
 
-        // The switch: the old routes go first, the copy rule (inert once
-        // nothing is routed out of eth0) is cleared last.
+        // The switch: the copies carry the data path already, so only the
+        // IMS activation and the NA leave now; routes and copy rule stay.
         m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let a = drain(&mut m);
+        assert!(
+            !a.iter().any(|x| matches!(
+                x,
+                Action::AddRoute(_) | Action::RemoveRoute(_) | Action::SetBicast(_)
+            )),
+            "{a:?}"
+        );
+        let u = updates(&a);
+        assert!(u.len() == 1 && u[0].activate && u[0].active == Some(moa_for(PFX_B, MAC2)));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::SendUnsolicitedNa { ifindex: 3, .. })));
+        assert!(m.status(c.at(1000)).bicast.is_some());
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+        // Then the route changes (old routes first), the old attachment's
+        // removal, and last the copy rule.
+        m.handle_timeout(c.at(1000) + OLD_TEARDOWN_DELAY);
         let a = drain(&mut m);
         assert!(
             matches!(a[0], Action::RemoveRoute(Route { ifindex: 2, .. })),
             "{a:?}"
         );
+        let add = a
+            .iter()
+            .position(|x| {
+                matches!(
+                    x,
+                    Action::AddRoute(Route {
+                        ifindex: 3,
+                        metric: 100,
+                        ..
+                    })
+                )
+            })
+            .unwrap();
+        let rm_moa = a
+            .iter()
+            .position(|x| matches!(x, Action::RemoveMoa { ifindex: 2, .. }))
+            .unwrap();
+        assert!(add < rm_moa, "{a:?}");
         assert_eq!(a.last(), Some(&Action::SetBicast(None)), "{a:?}");
-        assert_eq!(m.status(c.at(1000)).bicast, None);
+        assert_eq!(m.status(c.at(2000)).bicast, None);
 
         // The next migration prepares eth0 as the standby: copies go the
         // other way.

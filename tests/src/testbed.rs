@@ -95,6 +95,12 @@ pub enum Mode {
     /// Site A → site B with guest-agent, `host-prep migrate --no-prep`.
     #[serde(rename = "noprep")]
     NoPrep,
+    /// Same-bridge migration on site A of the guest-agent VM (translation
+    /// on, no move): what mat6 costs a migration that does not change
+    /// networks. Not the baseline; it splits `prep - lan` into the cost of
+    /// the translation in a just-resumed guest and the cost of the move.
+    #[serde(rename = "lan-mat6")]
+    LanMat6,
 }
 
 impl fmt::Display for Mode {
@@ -103,6 +109,7 @@ impl fmt::Display for Mode {
             Mode::Lan => "lan",
             Mode::Prep => "prep",
             Mode::NoPrep => "noprep",
+            Mode::LanMat6 => "lan-mat6",
         })
     }
 }
@@ -114,8 +121,9 @@ impl std::str::FromStr for Mode {
             "lan" => Ok(Mode::Lan),
             "prep" => Ok(Mode::Prep),
             "noprep" => Ok(Mode::NoPrep),
+            "lan-mat6" => Ok(Mode::LanMat6),
             _ => Err(TestbedError::Parse {
-                what: "mode (lan|prep|noprep)".into(),
+                what: "mode (lan|prep|noprep|lan-mat6)".into(),
                 text: s.into(),
             }),
         }
@@ -707,7 +715,7 @@ impl Testbed {
     ) -> Result<RunResult> {
         match mode {
             Mode::Lan => self.run_lan(img, tools, mem_mb),
-            Mode::Prep | Mode::NoPrep => {
+            Mode::Prep | Mode::NoPrep | Mode::LanMat6 => {
                 let mut v = self.run_agent_mode(img, tools, mode, mem_mb, false)?;
                 v.pop().ok_or_else(|| TestbedError::Parse {
                     what: "run".into(),
@@ -899,12 +907,29 @@ mod tests {
     }
 
     #[test]
+    fn peer_binding_in_agent_status() {
+        let doc = r#"{"status":{"peers":{"2001:db8:ff::2":{"active":"2001:db8:c::2","standby":[],"seq":3}}}}"#;
+        assert!(agent_knows_peer(doc, "2001:db8:ff::2"));
+        assert!(!agent_knows_peer(doc, "2001:db8:ff::9"));
+        let no_active = r#"{"status":{"peers":{"2001:db8:ff::2":{"active":null,"standby":[]}}}}"#;
+        assert!(!agent_knows_peer(no_active, "2001:db8:ff::2"));
+        assert!(!agent_knows_peer(
+            "guest-agent: not running",
+            "2001:db8:ff::2"
+        ));
+    }
+
+    #[test]
     fn modes_round_trip() {
-        for m in [Mode::Lan, Mode::Prep, Mode::NoPrep] {
+        for m in [Mode::Lan, Mode::Prep, Mode::NoPrep, Mode::LanMat6] {
             assert_eq!(m.to_string().parse::<Mode>().unwrap(), m);
         }
         assert!("x".parse::<Mode>().is_err());
         assert_eq!(serde_json::to_string(&Mode::NoPrep).unwrap(), "\"noprep\"");
+        assert_eq!(
+            serde_json::to_string(&Mode::LanMat6).unwrap(),
+            "\"lan-mat6\""
+        );
     }
 }
 
@@ -971,6 +996,15 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(io_err(format!("write {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))
+}
+
+/// Whether a `guest-agent status --json` document lists `peer` among the
+/// agent's peer bindings with an active MoA.
+fn agent_knows_peer(status_json: &str, peer: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(status_json.trim())
+        .ok()
+        .and_then(|v| v["status"]["peers"][peer]["active"].as_str().map(|_| ()))
+        .is_some()
 }
 
 /// The agent configuration shared by the VM and the CN (paths differ).
@@ -1230,7 +1264,7 @@ impl Testbed {
             .overlay(
                 crate::qemu::Overlay::new()
                     .vm_conf(&format!(
-                        "HOSTNAME=m6e-vm\nAGENT_LOG=guest_agent=debug,info\n{ECHO_SETUP}"
+                        "HOSTNAME=m6e-vm\nAGENT_LOG=guest_agent=debug,ims_client=debug,info\n{ECHO_SETUP}"
                     ))
                     .file("/etc/mat6/guest-agent.toml", toml, 0o644)
                     .file(
@@ -1257,14 +1291,54 @@ impl Testbed {
                 .map(|o| o.status.success())
                 .unwrap_or(false)
         });
+        // That ping can succeed before the VM's agent knows the CN's
+        // binding (the VM then answers from its MoA untranslated, which the
+        // CN translates back). A TCP connection opened in that window is
+        // MoA-based on the VM's side and is reset the moment the VM learns
+        // the binding, so wait for the VM's agent to hold it.
+        let pinged = ok.is_ok();
+        let ok = ok.and_then(|_| {
+            let mut last = String::new();
+            let r = crate::netns::wait_for(
+                "the VM's agent holds the CN's binding",
+                Duration::from_secs(60),
+                || match vm
+                    .qemu
+                    .sh("guest-agent status --json", Duration::from_secs(10))
+                {
+                    Ok((0, out)) => {
+                        let has = agent_knows_peer(&out, CN_HOA);
+                        last = out;
+                        has
+                    }
+                    Ok((_, out)) => {
+                        last = out;
+                        false
+                    }
+                    Err(_) => false,
+                },
+            );
+            if r.is_err() {
+                eprintln!("last VM agent status: {last}");
+            }
+            r
+        });
         if ok.is_err() {
             return Err(TestbedError::Parse {
                 what: "HoA reachability".into(),
                 text: format!(
-                    "CN cannot ping the VM's HoA {VM_HOA} from {CN_HOA}; {}\nguest agent log:\n{}\nCN agent log tail:\n{}",
+                    "{}; {}\nguest agent log:\n{}\nCN agent log tail:\n{}",
+                    if pinged {
+                        format!("the VM's agent never got the CN's binding ({CN_HOA}) from the IMS")
+                    } else {
+                        format!("CN cannot ping the VM's HoA {VM_HOA} from {CN_HOA}")
+                    },
                     vm.diag(),
                     vm.qemu
-                        .sh("tail -n 40 /var/log/guest-agent.log", Duration::from_secs(5))
+                        .sh(
+                            "tail -n 40 /var/log/guest-agent.log",
+                            Duration::from_secs(5)
+                        )
                         .map(|(_, o)| o)
                         .unwrap_or_default(),
                     tail(&self.cn_agent_log(), 40)
@@ -1404,6 +1478,10 @@ impl Testbed {
                 mem_mb,
                 mode,
                 |tb, vm| {
+                    if mode == Mode::LanMat6 {
+                        let (s, t) = tb.migrate_lan(vm)?;
+                        return Ok((s, t, None));
+                    }
                     let (s, t, rep) = tb.migrate_hostprep(vm, prep)?;
                     Ok((s, t, Some(rep)))
                 },
@@ -1416,7 +1494,7 @@ impl Testbed {
                         let log = vm
                             .qemu
                             .sh(
-                                "tail -n 60 /var/log/guest-agent.log; dmesg | tail -n 20",
+                                "grep -v 'router advertisement' /var/log/guest-agent.log | tail -n 80; dmesg | tail -n 20",
                                 Duration::from_secs(5),
                             )
                             .map(|(_, o)| o)

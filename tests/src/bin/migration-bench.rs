@@ -1,12 +1,13 @@
 //! `migration-bench`: the live-migration downtime benchmark (`./bench.sh
-//! migration`). For each guest memory size × mode (`lan`, `prep`, `noprep`)
+//! migration`). For each guest memory size × mode (`lan`, `prep`, `noprep`,
+//! and on request `lan-mat6`: the agent VM migrated on the same bridge)
 //! × run, it builds the two-site testbed, boots the guest under QEMU (TCG),
 //! migrates it while pinging every 10 ms both ways and streaming UDP/TCP, and
 //! records T_DW, T_ALL, QEMU's downtime, UDP loss and TCP survival.
 //!
 //! ```text
 //! migration-bench [--quick] [--mem 128,256,512,1024] [--runs 3]
-//!                 [--modes lan,prep,noprep] [--out bench-results/migration.json]
+//!                 [--modes lan,prep,noprep[,lan-mat6]] [--out bench-results/migration.json]
 //!                 [--chart bench-results/migration.svg]
 //! ```
 //!
@@ -71,7 +72,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--chart" => o.chart = PathBuf::from(val()?),
             "--from-json" => o.from_json = Some(PathBuf::from(val()?)),
             "-h" | "--help" => {
-                println!("migration-bench [--quick] [--mem 128,256,512,1024] [--runs 3] [--modes lan,prep,noprep] [--out FILE.json] [--chart FILE.svg] [--from-json FILE.json (re-render the table and chart, run nothing)]");
+                println!("migration-bench [--quick] [--mem 128,256,512,1024] [--runs 3] [--modes lan,prep,noprep,lan-mat6] [--out FILE.json] [--chart FILE.svg] [--from-json FILE.json (re-render the table and chart, run nothing)]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}")),
@@ -178,7 +179,7 @@ fn print_table(mems: &[u32], c: &Cell) {
     println!();
     println!("Per mode (medians): T_DW both directions, QEMU's own figures, the VoIP-shaped UDP stream, the TCP stream");
     println!(
-        "{:>6} {:>7} | {:>9} {:>9} {:>9} | {:>10} {:>10} | {:>8} {:>10} | {:>9}",
+        "{:>6} {:>8} | {:>9} {:>9} {:>9} | {:>10} {:>10} | {:>8} {:>10} | {:>9}",
         "MiB",
         "mode",
         "T_DW ms",
@@ -191,14 +192,14 @@ fn print_table(mems: &[u32], c: &Cell) {
         "TCP ok"
     );
     for &m in mems {
-        for mode in ["lan", "prep", "noprep"] {
+        for mode in ["lan", "lan-mat6", "prep", "noprep"] {
             let Some(runs) = c.get(&(m, mode.to_string())) else {
                 continue;
             };
             let med =
                 |f: &dyn Fn(&RunResult) -> f64| cell_median(c, m, mode, f).unwrap_or(f64::NAN);
             println!(
-                "{:>6} {:>7} | {:>9.1} {:>9.1} {:>9.1} | {:>10.0} {:>10.0} | {:>8.0} {:>10.1} | {:>6}/{:<2}",
+                "{:>6} {:>8} | {:>9.1} {:>9.1} {:>9.1} | {:>10.0} {:>10.0} | {:>8.0} {:>10.1} | {:>6}/{:<2}",
                 m,
                 mode,
                 med(&|r| r.tdw_ms),
@@ -431,6 +432,18 @@ fn finish(o: &Opts, ok: Vec<RunResult>, runs_json: Vec<Value>) -> ExitCode {
             )
         })
         .collect();
+    // The same difference against the agent VM's same-bridge migration:
+    // what the move itself costs, without the translation's share.
+    let mut diffs_mat6: Vec<f64> = o
+        .mems
+        .iter()
+        .filter_map(|&m| {
+            Some(
+                cell_median(&c, m, "prep", |r| r.tdw_ms)?
+                    - cell_median(&c, m, "lan-mat6", |r| r.tdw_ms)?,
+            )
+        })
+        .collect();
     let mut noprep: Vec<f64> = ok
         .iter()
         .filter(|r| r.mode == Mode::NoPrep)
@@ -453,6 +466,7 @@ fn finish(o: &Opts, ok: Vec<RunResult>, runs_json: Vec<Value>) -> ExitCode {
         .collect();
     let summary = json!({
         "prep_minus_lan_ms_p50": median(&mut diffs),
+        "prep_minus_lan_mat6_ms_p50": median(&mut diffs_mat6),
         "noprep_tdw_ms_p50": median(&mut noprep),
         "lan_tdw_ms_p50": median(&mut lan_tdw),
         "prep_tall_over_lan_p50": median(&mut tall_ratio),
