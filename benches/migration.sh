@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" = 0 ] || { echo "migration bench: needs root" >&2; exit 1; }
-cargo build --release -p ims-server -p guest-agent -p host-prep \
-    -p mat6-tests --bin migration-bench --bin mat6-probe >&2
+# Two builds: a --bin filter would apply to every -p and skip the daemons.
+cargo build --release -p ims-server -p guest-agent -p host-prep >&2
+cargo build --release -p mat6-tests --bin migration-bench --bin mat6-probe >&2
 images/build.sh >/dev/null
 # Run private copies: a rebuild of target/ during the (long) run must not
 # swap binaries under it.

@@ -63,9 +63,12 @@ cp -f "$KROOT/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 # ---------------------------------------------------------------- binaries
 AGENT_BIN=""
 if [ "${MAT6_SKIP_CARGO:-0}" != 1 ]; then
-    log "cargo build --release (guest-agent, mat6-probe)"
+    log "cargo build --release (mat6-probe; guest-agent with ims-server and host-prep)"
     (cd "$ROOT" && cargo build --release -p mat6-tests --bin mat6-probe) >&2
-    if (cd "$ROOT" && cargo build --release -p guest-agent --bin guest-agent) >&2; then
+    # The same package set as build-debs.sh and test.sh: building
+    # guest-agent alone unifies features differently and rebuilds the
+    # crates they share.
+    if (cd "$ROOT" && cargo build --release -p guest-agent -p ims-server -p host-prep) >&2; then
         AGENT_BIN="$ROOT/target/release/guest-agent"
     elif [ "${MAT6_REQUIRE_AGENT:-0}" = 1 ]; then
         log "guest-agent does not build and MAT6_REQUIRE_AGENT=1"; exit 1

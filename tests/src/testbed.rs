@@ -505,6 +505,11 @@ pub struct RunResult {
     pub udp_report: serde_json::Value,
     /// Raw TCP probe report.
     pub tcp_report: serde_json::Value,
+    /// Agent modes: how many times so far the guest-agent in the VM turned
+    /// the bicast to a prepared standby on (from its log; one per prepared
+    /// migration when it works).
+    #[serde(default)]
+    pub guest_bicasts: Option<u32>,
 }
 
 /// Where the host-side tools are.
@@ -840,6 +845,7 @@ fn measure(
         host_prep,
         udp_report,
         tcp_report,
+        guest_bicasts: None,
     })
 }
 
@@ -1487,7 +1493,15 @@ impl Testbed {
                 },
             );
             match r {
-                Ok(r) => {
+                Ok(mut r) => {
+                    r.guest_bicasts = vm
+                        .qemu
+                        .sh(
+                            "grep -c 'bicast to the standby link on' /var/log/guest-agent.log",
+                            Duration::from_secs(10),
+                        )
+                        .ok()
+                        .and_then(|(_, o)| o.trim().parse().ok());
                     // Timing diagnosis: MAT6_GUEST_LOG=1 prints the guest
                     // agent's log tail (and the kernel's) after each leg.
                     if std::env::var_os("MAT6_GUEST_LOG").is_some() {

@@ -186,6 +186,22 @@ fn e2e_prep_migration_there_and_back() {
     };
     assert_eq!(active(&legs[0]).as_deref(), Some("nic1"));
     assert_eq!(active(&legs[1]).as_deref(), Some("nic0"));
+    // Each prepared leg ran with the bicast to the prepared NIC (the
+    // testbed's guest config turns it on; MAT6_BICAST=0 turns it off).
+    if std::env::var("MAT6_BICAST").map_or(true, |v| v != "0") {
+        assert_eq!(
+            legs[0].guest_bicasts,
+            Some(1),
+            "{:?}",
+            legs[0].guest_bicasts
+        );
+        assert_eq!(
+            legs[1].guest_bicasts,
+            Some(2),
+            "{:?}",
+            legs[1].guest_bicasts
+        );
+    }
 }
 
 /// Cross-subnet migration without preparation (`host-prep migrate
