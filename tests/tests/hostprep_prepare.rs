@@ -261,6 +261,16 @@ tap = "v1"
         (mac, addrs)
     }
 
+    /// `nft list table` of the filter host-prep puts on brX while prepared.
+    fn isolation_filter(&self) -> Output {
+        self.bed
+            .sw
+            .command("nft")
+            .args(["list", "table", "ip6", "mat6_nu_brX"])
+            .output()
+            .unwrap()
+    }
+
     fn run(&self, cfg: &Path, args: &[&str]) -> Output {
         self.bed
             .sw
@@ -360,13 +370,7 @@ fn prepare_impersonates_gateway_waits_for_standby_and_undoes_on_sigterm() {
     // VM resolves the impersonated gateway, but a packet it sends there
     // (an echo request here, bicast copies in real use) is dropped, never
     // forwarded.
-    let table = hb
-        .bed
-        .sw
-        .command("nft")
-        .args(["list", "table", "ip6", "mat6_nu_brX"])
-        .output()
-        .unwrap();
+    let table = hb.isolation_filter();
     assert!(table.status.success(), "{}", stderr(&table));
     assert!(
         String::from_utf8_lossy(&table.stdout).contains("iifname \"brX\" drop"),
@@ -414,13 +418,7 @@ fn prepare_impersonates_gateway_waits_for_standby_and_undoes_on_sigterm() {
     let st = p.wait_timeout(Duration::from_secs(10)).unwrap();
     assert!(st.success(), "prepare exited with {st}{}", diag());
     assert_eq!(hb.brx(), before, "brX restored");
-    let gone = hb
-        .bed
-        .sw
-        .command("nft")
-        .args(["list", "table", "ip6", "mat6_nu_brX"])
-        .output()
-        .unwrap();
+    let gone = hb.isolation_filter();
     assert!(!gone.status.success(), "isolation filter left behind");
 }
 
@@ -443,13 +441,7 @@ fn prepare_errors_exit_nonzero_name_the_problem_and_leave_nothing() {
         assert_eq!(o.status.code(), Some(code), "{what}: {err}");
         assert!(err.contains(msg), "{what}: {err:?} lacks {msg:?}");
         assert_eq!(hb.brx(), before, "{what}: brX changed");
-        let filter = hb
-            .bed
-            .sw
-            .command("nft")
-            .args(["list", "table", "ip6", "mat6_nu_brX"])
-            .output()
-            .unwrap();
+        let filter = hb.isolation_filter();
         assert!(!filter.status.success(), "{what}: isolation filter left");
     };
     let prep = ["prepare", "--vm", "vm", "--to"];

@@ -422,28 +422,22 @@ fn rerender(o: &Opts, path: &std::path::Path) -> ExitCode {
 
 fn finish(o: &Opts, ok: Vec<RunResult>, runs_json: Vec<Value>) -> ExitCode {
     let c = per_cell(&ok);
-    let mut diffs: Vec<f64> = o
-        .mems
-        .iter()
-        .filter_map(|&m| {
-            Some(
-                cell_median(&c, m, "prep", |r| r.tdw_ms)?
-                    - cell_median(&c, m, "lan", |r| r.tdw_ms)?,
-            )
-        })
-        .collect();
-    // The same difference against the agent VM's same-bridge migration:
-    // what the move itself costs, without the translation's share.
-    let mut diffs_mat6: Vec<f64> = o
-        .mems
-        .iter()
-        .filter_map(|&m| {
-            Some(
-                cell_median(&c, m, "prep", |r| r.tdw_ms)?
-                    - cell_median(&c, m, "lan-mat6", |r| r.tdw_ms)?,
-            )
-        })
-        .collect();
+    // Per memory size, prep's median T_DW minus `base`'s.
+    let prep_minus = |base: &str| -> Vec<f64> {
+        o.mems
+            .iter()
+            .filter_map(|&m| {
+                Some(
+                    cell_median(&c, m, "prep", |r| r.tdw_ms)?
+                        - cell_median(&c, m, base, |r| r.tdw_ms)?,
+                )
+            })
+            .collect()
+    };
+    let mut diffs = prep_minus("lan");
+    // Against the agent VM's same-bridge migration: what the move itself
+    // costs, without the translation's share.
+    let mut diffs_mat6 = prep_minus("lan-mat6");
     let mut noprep: Vec<f64> = ok
         .iter()
         .filter(|r| r.mode == Mode::NoPrep)
