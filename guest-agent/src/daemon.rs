@@ -269,7 +269,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // Translation: replace any previous table in one transaction.
     nftx::apply(&translate::ruleset(&cfg.agent.nft_table, cfg.hoa)).await?;
     let nft = NftSession::start().await?;
-    let tr = Translation::new(&cfg.agent.nft_table);
+    let tr = Translation::new(&cfg.agent.nft_table, cfg.hoa);
 
     // Sockets.
     let ims_sock = Arc::new(

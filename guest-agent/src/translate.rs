@@ -7,26 +7,33 @@
 //!   map peer_in   peer MoA (active and standby) -> peer HoA
 //!   map own_src   oifname   -> own MoA on that interface
 //!   set own_moas  every own MoA
-//!   output      (type route, raw):  drop TCP RST / ICMPv6 unreachable sourced
+//!   output      (filter, raw):      drop TCP RST / ICMPv6 unreachable sourced
 //!                                   from an own MoA;
 //!                                   saddr == HoA: daddr := peer_out[daddr], notrack
-//!   postrouting (filter, srcnat):   saddr == HoA: jump bicast;
-//!                                   saddr := own_src[oifname]
-//!   bicast      (regular chain):    empty, or while a standby is ready and
-//!                                   bicast is on: oifname == active:
+//!   bicast      (filter, srcnat-1): only while a standby is ready and bicast
+//!                                   is on: saddr == HoA, oifname == active:
 //!                                   dup to standby router via standby link
+//!   postrouting (filter, srcnat):   saddr == HoA: saddr := own_src[oifname]
 //!   prerouting  (filter, raw):      daddr in own_moas: saddr := peer_in[saddr],
 //!                                   daddr := HoA, notrack
 //! ```
 //!
-//! The output chain is a `route` chain, so the kernel re-routes a packet
-//! whose destination it rewrote. The source is chosen by outgoing interface
-//! in postrouting, so switching interfaces is one route change and never an
-//! nft call. The bicast copy (nftables `dup`, taken before the source is
-//! rewritten) goes through postrouting again on the standby link and gets
-//! the standby MoA there. Translated packets are `notrack`: conntrack would otherwise see
-//! the two directions of a flow under different addresses. A map miss ends
-//! the rule, so traffic that is not between HoAs passes untouched.
+//! The output chain is a plain `filter` chain: rewriting the destination
+//! does not re-route the packet. That is right because the agent routes a
+//! peer's HoA and its MoA alike: its routes (default and peer prefixes) all
+//! go via the active router, and MoAs carry no prefix route
+//! (`noprefixroute`), so the route the socket chose for the peer HoA is the
+//! one the MoA would get. A `type route` chain would re-run the route
+//! lookup for every packet; measured with `./bench.sh dataplane` that
+//! costs about 3 % of the throughput. The source is chosen by outgoing
+//! interface in postrouting, so switching interfaces is one route change
+//! and never an nft call. The bicast chain exists only while copies are
+//! made (an empty base chain or a `jump` still costs every packet); its
+//! copy (nftables `dup`, taken before the source is rewritten) goes through
+//! postrouting again on the standby link and gets the standby MoA there.
+//! Translated packets are `notrack`: conntrack would otherwise see the two
+//! directions of a flow under different addresses. A map miss ends the
+//! rule, so traffic that is not between HoAs passes untouched.
 //!
 //! [`Translation`] keeps the agent's view of the maps and turns a desired
 //! change into the minimal `nft` commands (delete before add when a key's
@@ -48,16 +55,13 @@ pub fn ruleset(table: &str, hoa: Ipv6Addr) -> String {
          \tmap own_src {{ type ifname : ipv6_addr; }}\n\
          \tset own_moas {{ type ipv6_addr; }}\n\
          \tchain output {{\n\
-         \t\ttype route hook output priority raw; policy accept;\n\
+         \t\ttype filter hook output priority raw; policy accept;\n\
          \t\tip6 saddr @own_moas tcp flags & rst == rst drop\n\
          \t\tip6 saddr @own_moas icmpv6 type destination-unreachable drop\n\
          \t\tip6 saddr {hoa} ip6 daddr set ip6 daddr map @peer_out notrack\n\
          \t}}\n\
-         \tchain bicast {{\n\
-         \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype filter hook postrouting priority srcnat; policy accept;\n\
-         \t\tip6 saddr {hoa} jump bicast\n\
          \t\tip6 saddr {hoa} ip6 saddr set oifname map @own_src\n\
          \t}}\n\
          \tchain prerouting {{\n\
@@ -74,9 +78,10 @@ pub fn delete(table: &str) -> String {
 }
 
 /// The agent's view of the translation maps.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Translation {
     table: String,
+    hoa: Ipv6Addr,
     peer_out: BTreeMap<Ipv6Addr, Ipv6Addr>,
     peer_in: BTreeMap<Ipv6Addr, Ipv6Addr>,
     own_src: BTreeMap<String, Ipv6Addr>,
@@ -94,11 +99,15 @@ fn quote_ifname(name: &str) -> String {
 }
 
 impl Translation {
-    /// An empty view of `table` (just created by [`ruleset`]).
-    pub fn new(table: &str) -> Self {
+    /// An empty view of `table` (just created by [`ruleset`] for `hoa`).
+    pub fn new(table: &str, hoa: Ipv6Addr) -> Self {
         Self {
             table: table.to_owned(),
-            ..Self::default()
+            hoa,
+            peer_out: BTreeMap::new(),
+            peer_in: BTreeMap::new(),
+            own_src: BTreeMap::new(),
+            own_moas: BTreeSet::new(),
         }
     }
 
@@ -203,18 +212,29 @@ impl Translation {
 
     /// The bicast chain's new content: with `Some((from, to, via))`, HoA
     /// packets routed out of `from` are also sent through `to` to the
-    /// router `via` (link-local); with `None`, nothing is copied. One
-    /// transaction, so there is never a moment with two copy rules.
+    /// router `via` (link-local); with `None`, nothing is copied and the
+    /// chain is gone (no per-packet cost). One transaction either way, so
+    /// there is never a moment with two copy rules; `add chain` first makes
+    /// both work whether or not the chain exists.
     pub fn bicast(&self, b: Option<(&str, &str, Ipv6Addr)>) -> String {
         let t = &self.table;
-        let mut s = format!("flush chain ip6 {t} bicast\n");
-        if let Some((from, to, via)) = b {
-            let _ = writeln!(
-                s,
-                "add rule ip6 {t} bicast oifname {} dup to {via} device {}",
-                quote_ifname(from),
-                quote_ifname(to)
-            );
+        let mut s = format!(
+            "add chain ip6 {t} bicast {{ type filter hook postrouting priority srcnat - 1; policy accept; }}\n\
+             flush chain ip6 {t} bicast\n"
+        );
+        match b {
+            Some((from, to, via)) => {
+                let _ = writeln!(
+                    s,
+                    "add rule ip6 {t} bicast ip6 saddr {} oifname {} dup to {via} device {}",
+                    self.hoa,
+                    quote_ifname(from),
+                    quote_ifname(to)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "delete chain ip6 {t} bicast");
+            }
         }
         s
     }
@@ -251,16 +271,14 @@ mod tests {
     fn ruleset_has_the_verified_shape() {
         let r = ruleset("mat6", a("2001:db8:ff::1"));
         assert!(r.starts_with("add table ip6 mat6\ndelete table ip6 mat6\n"));
-        assert!(r.contains("type route hook output priority raw"));
+        assert!(r.contains("type filter hook output priority raw"));
+        assert!(!r.contains("type route"), "no per-packet re-route");
         assert!(
             r.contains("ip6 saddr 2001:db8:ff::1 ip6 daddr set ip6 daddr map @peer_out notrack")
         );
         assert!(r.contains("ip6 saddr 2001:db8:ff::1 ip6 saddr set oifname map @own_src"));
-        // The copy is taken before the source is rewritten.
-        let jump = r.find("ip6 saddr 2001:db8:ff::1 jump bicast").unwrap();
-        let set = r.find("ip6 saddr set oifname map @own_src").unwrap();
-        assert!(jump < set);
-        assert!(r.contains("chain bicast {"));
+        // No copy chain (and no jump to one) until bicast is switched on.
+        assert!(!r.contains("bicast"));
         assert!(r.contains(
             "ip6 daddr @own_moas ip6 saddr set ip6 saddr map @peer_in ip6 daddr set 2001:db8:ff::1 notrack"
         ));
@@ -270,7 +288,7 @@ mod tests {
 
     #[test]
     fn peer_updates_are_minimal_diffs() {
-        let mut t = Translation::new("m");
+        let mut t = Translation::new("m", a("2001:db8:ff::1"));
         let h = a("2001:db8:ff::2");
         let m1 = a("2001:db8:a::2");
         let m2 = a("2001:db8:b::2");
@@ -301,7 +319,7 @@ mod tests {
 
     #[test]
     fn moa_reused_by_another_peer_is_replaced() {
-        let mut t = Translation::new("m");
+        let mut t = Translation::new("m", a("2001:db8:ff::1"));
         let m = a("2001:db8:a::9");
         t.set_peer(a("2001:db8:ff::2"), Some(m), &[m]);
         let s = t.set_peer(a("2001:db8:ff::3"), Some(m), &[m]);
@@ -311,18 +329,26 @@ mod tests {
 
     #[test]
     fn bicast_chain_is_replaced_whole() {
-        let t = Translation::new("m");
+        let t = Translation::new("m", a("2001:db8:ff::1"));
+        let chain = "add chain ip6 m bicast { type filter hook postrouting priority srcnat - 1; policy accept; }\n\
+                     flush chain ip6 m bicast\n";
         assert_eq!(
             t.bicast(Some(("eth0", "eth1", a("fe80::1")))),
-            "flush chain ip6 m bicast\n\
-             add rule ip6 m bicast oifname \"eth0\" dup to fe80::1 device \"eth1\"\n"
+            format!(
+                "{chain}add rule ip6 m bicast ip6 saddr 2001:db8:ff::1 oifname \"eth0\" dup to fe80::1 device \"eth1\"\n"
+            )
         );
-        assert_eq!(t.bicast(None), "flush chain ip6 m bicast\n");
+        // The copy runs before postrouting's source rewrite (srcnat).
+        assert!(chain.contains("priority srcnat - 1"));
+        assert_eq!(
+            t.bicast(None),
+            format!("{chain}delete chain ip6 m bicast\n")
+        );
     }
 
     #[test]
     fn own_source_per_interface() {
-        let mut t = Translation::new("m");
+        let mut t = Translation::new("m", a("2001:db8:ff::1"));
         let m1 = a("2001:db8:a::1");
         let m2 = a("2001:db8:c::1");
         assert_eq!(
