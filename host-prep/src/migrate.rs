@@ -205,7 +205,9 @@ impl std::fmt::Display for Plan {
 /// The destination process and its event lines.
 struct Destination {
     child: tokio::process::Child,
-    events: mpsc::UnboundedReceiver<ReceiveEvent>,
+    /// Events with the instant their line was read: T_ALL ends when the
+    /// destination reported the switch, not when this side next looked.
+    events: mpsc::UnboundedReceiver<(Instant, ReceiveEvent)>,
 }
 
 impl Destination {
@@ -228,7 +230,7 @@ impl Destination {
                 while let Ok(Some(line)) = lines.next_line().await {
                     match serde_json::from_str::<ReceiveEvent>(&line) {
                         Ok(ev) => {
-                            if tx.send(ev).is_err() {
+                            if tx.send((Instant::now(), ev)).is_err() {
                                 break;
                             }
                         }
@@ -240,9 +242,14 @@ impl Destination {
         Ok(Self { child, events: rx })
     }
 
-    async fn next(&mut self, what: &str, timeout: Duration) -> Result<ReceiveEvent, Error> {
+    /// The next event and when it arrived.
+    async fn next(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(Instant, ReceiveEvent), Error> {
         match tokio::time::timeout(timeout, self.events.recv()).await {
-            Ok(Some(ReceiveEvent::Error { message })) => Err(Error::Destination(message)),
+            Ok(Some((_, ReceiveEvent::Error { message }))) => Err(Error::Destination(message)),
             Ok(Some(ev)) => Ok(ev),
             Ok(None) => {
                 let status = self
@@ -392,6 +399,11 @@ async fn release(p: Prepared) -> Result<(), Error> {
     p.release().await
 }
 
+/// How often the source polls `query-migrate` (progress bar, completion).
+/// T_ALL does not depend on it: it ends when the destination's switch
+/// event arrives, timestamped as it is read.
+const QUERY_MIGRATE_EVERY: Duration = Duration::from_millis(20);
+
 async fn run_migration(
     host: &Host,
     plan: &Plan,
@@ -406,6 +418,7 @@ async fn run_migration(
         match dest
             .next("the incoming QEMU listens", host.cfg.timeouts.start())
             .await?
+            .1
         {
             ReceiveEvent::Listening { .. } => {}
             other => {
@@ -458,7 +471,7 @@ async fn run_migration(
                     Error::Interrupted
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(QUERY_MIGRATE_EVERY).await;
         };
         if let Some(pb) = &pb {
             pb.finish_and_clear();
@@ -475,13 +488,12 @@ async fn run_migration(
             None => (qemu_total - qemu_down).max(0.0),
         };
 
-        let switched = dest
+        let (t_switch, switched) = dest
             .next(
                 "the VM resumes and the switch is done",
                 host.cfg.timeouts.start(),
             )
             .await?;
-        let t_switch = Instant::now();
         let (old_active, new_active, switch_ms, switch_from_qemu_ms, activate_ms) = match switched {
             ReceiveEvent::Switched {
                 old_active,

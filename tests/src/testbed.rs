@@ -615,6 +615,18 @@ impl TestVm {
     }
 }
 
+/// The guest agent's `RUST_LOG`. Debug only with `MAT6_GUEST_LOG` set: a
+/// just-resumed TCG guest has an empty translation cache, and every log
+/// line it formats (about 40 per migration at debug) is guest CPU taken
+/// from the packets whose gap we measure.
+fn guest_agent_log() -> &'static str {
+    if std::env::var_os("MAT6_GUEST_LOG").is_some() {
+        "guest_agent=debug,ims_client=debug,info"
+    } else {
+        "info"
+    }
+}
+
 /// Guest shell fragment: start the echo servers for the probes.
 const ECHO_SETUP: &str = "mat6_setup() {\n  mat6-probe udp-echo --listen '[::]:7400' >/tmp/udp-echo.log 2>&1 &\n  mat6-probe tcp-echo --listen '[::]:7401' >/tmp/tcp-echo.log 2>&1 &\n}\n";
 
@@ -1270,7 +1282,8 @@ impl Testbed {
             .overlay(
                 crate::qemu::Overlay::new()
                     .vm_conf(&format!(
-                        "HOSTNAME=m6e-vm\nAGENT_LOG=guest_agent=debug,ims_client=debug,info\n{ECHO_SETUP}"
+                        "HOSTNAME=m6e-vm\nAGENT_LOG={}\n{ECHO_SETUP}",
+                        guest_agent_log()
                     ))
                     .file("/etc/mat6/guest-agent.toml", toml, 0o644)
                     .file(
