@@ -180,6 +180,17 @@ pub struct DaemonConfig {
     /// it off when the secondary is a live link of its own.
     #[serde(default)]
     pub standby_bicast: bool,
+    /// After a link event, probe the gateways of the IMS site registry
+    /// (one Neighbor Solicitation each) and take a gateway's answer as
+    /// that site's RA: an unprepared move then forms its MoA one round
+    /// trip after the link event, not after the router's solicited RA
+    /// (delayed up to 0.5 s by RFC 4861). Needs `ims.control_addr`.
+    #[serde(default = "default_true")]
+    pub site_probe: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for DaemonConfig {
@@ -193,6 +204,7 @@ impl Default for DaemonConfig {
             standby_metric: default_standby_metric(),
             rs_interval_ms: default_rs_interval(),
             standby_bicast: false,
+            site_probe: true,
         }
     }
 }

@@ -25,8 +25,8 @@ use mat6_net::netlink::{
 use mat6_net::nft::{self as nftx, NftError, NftSession};
 use mat6_net::sysctl::{self, Ipv6Key, SysctlError};
 use mat6_proto::mobility::{
-    self, Action, IfaceConfig, IfaceState, LinkEvent, Mobility, MobilityConfig, PeerBinding,
-    RaInput, RaPrefix, Timers,
+    self, Action, IfaceConfig, IfaceState, LinkEvent, Mobility, MobilityConfig, NaInput,
+    PeerBinding, RaInput, RaPrefix, SiteHint, Timers,
 };
 use mat6_proto::ndp::NdpRepr;
 use mat6_proto::notify::{self, AckStatus, NotifyError, NotifyRepr};
@@ -82,6 +82,8 @@ pub enum AgentError {
 enum Event {
     Net(NetEvent),
     Ra { ifindex: u32, ra: RaInput },
+    Na { ifindex: u32, na: NaInput },
+    Sites(Vec<SiteHint>),
     ImsDatagram(Vec<u8>),
     Notify { bytes: Vec<u8>, from: SocketAddr },
     PeerRecord(ims_client::BindingRecord),
@@ -177,6 +179,47 @@ fn ra_input(p: &mat6_net::icmp6::NdpPacketIn) -> Option<RaInput> {
     })
 }
 
+fn na_input(p: &mat6_net::icmp6::NdpPacketIn) -> Option<NaInput> {
+    let NdpRepr::NeighborAdvert {
+        router,
+        target,
+        target_ll,
+        ..
+    } = &p.repr
+    else {
+        return None;
+    };
+    Some(NaInput {
+        src: p.src,
+        target: *target,
+        target_mac: *target_ll,
+        hop_limit: p.hop_limit,
+        router: *router,
+    })
+}
+
+/// The registry's sites as the state machine uses them (sites that are
+/// not a /64 are left out: a MoA is always formed in a /64).
+fn site_hints(sites: &[mat6_proto::binding::SiteInfo]) -> Vec<SiteHint> {
+    sites
+        .iter()
+        .filter(|s| s.prefix.prefix() == 64)
+        .map(|s| SiteHint {
+            prefix: s.prefix.network(),
+            gateway: s.gateway_ll,
+            gateway_mac: s.gateway_mac.0,
+            router_lifetime_s: s
+                .ra
+                .as_ref()
+                .map_or(SITE_ROUTER_LIFETIME_S, |r| r.router_lifetime_s),
+        })
+        .collect()
+}
+
+/// Router lifetime assumed for a site recognised by its gateway when the
+/// registry gives no RA parameters (RFC 4861's default, 3 × 600 s).
+const SITE_ROUTER_LIFETIME_S: u16 = 1800;
+
 fn peer_binding(b: &ims_client::Binding) -> PeerBinding {
     PeerBinding {
         active: b.active,
@@ -231,10 +274,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let ifindex = link.ifindex;
         tokio::spawn(async move {
             while let Ok(p) = receiver.recv().await {
-                if let Some(ra) = ra_input(&p) {
-                    if txr.send(Event::Ra { ifindex, ra }).await.is_err() {
-                        break;
-                    }
+                let ev = if let Some(ra) = ra_input(&p) {
+                    Event::Ra { ifindex, ra }
+                } else if let Some(na) = na_input(&p) {
+                    Event::Na { ifindex, na }
+                } else {
+                    continue;
+                };
+                if txr.send(ev).await.is_err() {
+                    break;
                 }
             }
         });
@@ -353,6 +401,42 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         break;
                     }
                 }
+            }
+        }))
+    } else {
+        None
+    };
+
+    // The IMS site registry, to recognise a site by its gateway right
+    // after a link event (Mobility::handle_na). Fetched until it answers,
+    // then every 5 minutes.
+    let _sites = if let (Some(addr), Some(ca), true) = (
+        cfg.ims.control_addr,
+        cfg.ims.ca_file.clone(),
+        cfg.agent.site_probe,
+    ) {
+        let tls = ims_client::TlsSettings::from_ca_pem_file(&ca, &cfg.ims.server_name)
+            .map_err(AgentError::Tls)?;
+        let t = tx.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                let got = match ims_client::ControlClient::connect(addr, &tls).await {
+                    Ok(c) => c.site_list().await,
+                    Err(e) => Err(e),
+                };
+                let wait = match got {
+                    Ok(sites) => {
+                        if t.send(Event::Sites(site_hints(&sites))).await.is_err() {
+                            break;
+                        }
+                        std::time::Duration::from_secs(300)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "site registry not fetched; retrying");
+                        std::time::Duration::from_secs(2)
+                    }
+                };
+                tokio::time::sleep(wait).await;
             }
         }))
     } else {
@@ -509,6 +593,7 @@ fn nonce_seed() -> u64 {
 fn action_name(a: &Action) -> &'static str {
     match a {
         Action::SendRs { .. } => "SendRs",
+        Action::ProbeGateways { .. } => "ProbeGateways",
         Action::AddMoa { .. } => "AddMoa",
         Action::RemoveMoa { .. } => "RemoveMoa",
         Action::SetNeighbor { .. } => "SetNeighbor",
@@ -568,6 +653,15 @@ impl Agent {
             Event::Ra { ifindex, ra } => {
                 let v = self.m.handle_ra(ifindex, &ra, now);
                 tracing::debug!(ifindex, src = %ra.src, ?v, "router advertisement");
+            }
+            Event::Na { ifindex, na } => {
+                if let Some(v) = self.m.handle_na(ifindex, &na, now) {
+                    tracing::info!(ifindex, gateway = %na.target, ?v, "link recognised by its gateway (site registry)");
+                }
+            }
+            Event::Sites(sites) => {
+                tracing::debug!(sites = sites.len(), "site registry");
+                self.m.set_sites(sites);
             }
             Event::ImsDatagram(d) => {
                 if !self.m.handle_ims_datagram(&d, now) {
@@ -634,6 +728,16 @@ impl Agent {
             c.handovers,
         );
         counter("notifies_sent", "Peer notifications sent.", c.notifies_sent);
+        counter(
+            "gateway_probes",
+            "Site-registry gateway probes sent.",
+            c.gateway_probes,
+        );
+        counter(
+            "gateway_probe_hits",
+            "Probe answers that identified a registered site.",
+            c.gateway_probe_hits,
+        );
         counter(
             "notifies_given_up",
             "Peer notifications never acknowledged.",
@@ -759,6 +863,19 @@ impl Agent {
                         source_ll: Some(i.cfg.mac),
                     };
                     i.sender.send(&rs, None, ALL_ROUTERS).await?;
+                }
+            }
+            Action::ProbeGateways { ifindex, targets } => {
+                if let Some(i) = self.ifaces.get(&ifindex) {
+                    for target in targets {
+                        let ns = NdpRepr::NeighborSolicit {
+                            target,
+                            source_ll: Some(i.cfg.mac),
+                        };
+                        i.sender
+                            .send(&ns, None, mat6_net::icmp6::solicited_node(&target))
+                            .await?;
+                    }
                 }
             }
             Action::AddMoa {

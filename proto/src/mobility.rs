@@ -181,6 +181,36 @@ pub struct RaInput {
     pub prefixes: Vec<RaPrefix>,
 }
 
+/// A site of the IMS registry, as the agent uses it to recognise the link
+/// it is on without waiting for a Router Advertisement (see
+/// [`Mobility::handle_na`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteHint {
+    /// The site's /64 prefix.
+    pub prefix: Ipv6Addr,
+    /// The gateway's link-local address.
+    pub gateway: Ipv6Addr,
+    /// The gateway's MAC.
+    pub gateway_mac: [u8; 6],
+    /// Router lifetime to assume until the site's own RA arrives, seconds.
+    pub router_lifetime_s: u16,
+}
+
+/// A received Neighbor Advertisement (an answer to a gateway probe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NaInput {
+    /// IPv6 source address.
+    pub src: Ipv6Addr,
+    /// The advertised address.
+    pub target: Ipv6Addr,
+    /// Target link-layer address option.
+    pub target_mac: Option<[u8; 6]>,
+    /// IPv6 hop limit (must be 255).
+    pub hop_limit: u8,
+    /// R flag: the sender is a router.
+    pub router: bool,
+}
+
 /// Why an RA was ignored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -241,6 +271,17 @@ pub enum Action {
     SendRs {
         /// Interface.
         ifindex: IfIndex,
+    },
+    /// Send a Neighbor Solicitation for each of the site gateways'
+    /// link-local addresses (to its solicited-node group), to learn at
+    /// once which registered site the link belongs to (RFC 6059-style
+    /// detection of network attachment, with the IMS site registry as the
+    /// candidate list). Answers come back through [`Mobility::handle_na`].
+    ProbeGateways {
+        /// Interface.
+        ifindex: IfIndex,
+        /// Gateway link-local addresses.
+        targets: Vec<Ipv6Addr>,
     },
     /// Add a MoA (no DAD: the IID is the NIC's EUI-64, unique by
     /// construction on the link the RA just came from).
@@ -459,6 +500,8 @@ impl IfaceState {
 struct Iface {
     cfg: IfaceConfig,
     state: IfaceState,
+    /// Gateway probe answers are accepted until then.
+    probe_until: Option<Instant>,
 }
 
 /// The registration with the IMS.
@@ -516,6 +559,10 @@ pub struct Counters {
     pub notifies_sent: u64,
     /// Peer notifications that were never acknowledged.
     pub notifies_given_up: u64,
+    /// Gateway probes sent (one per interface and link event).
+    pub gateway_probes: u64,
+    /// Probe answers that identified a registered site.
+    pub gateway_probe_hits: u64,
 }
 
 /// A snapshot for `guest-agent status`.
@@ -568,6 +615,8 @@ pub const OLD_TEARDOWN_DELAY: Duration = Duration::from_millis(300);
 /// The mobility state machine.
 pub struct Mobility {
     cfg: MobilityConfig,
+    /// The IMS site registry ([`Mobility::set_sites`]).
+    sites: Vec<SiteHint>,
     ifaces: Vec<Iface>,
     next_seq: u64,
     registration: Registration,
@@ -658,6 +707,7 @@ impl Mobility {
             .map(|c| Iface {
                 cfg: c.clone(),
                 state: IfaceState::Down,
+                probe_until: None,
             })
             .collect();
         Self {
@@ -677,6 +727,7 @@ impl Mobility {
             history: VecDeque::new(),
             counters: Counters::default(),
             actions: VecDeque::new(),
+            sites: Vec::new(),
         }
     }
 
@@ -858,6 +909,7 @@ impl Mobility {
                         next_rs: Some(now),
                     };
                     self.solicit(k, now);
+                    self.probe_gateways(k, now);
                 }
             }
             LinkEvent::CarrierDown => self.carrier_down(k, now),
@@ -879,9 +931,82 @@ impl Mobility {
                             });
                         }
                     }
+                    if !matches!(self.ifaces[j].state, IfaceState::Down) {
+                        self.probe_gateways(j, now);
+                    }
                 }
             }
         }
+    }
+
+    /// How long after a probe its answers are accepted.
+    const PROBE_WINDOW: Duration = Duration::from_secs(3);
+
+    /// Replaces the site registry used to recognise links (from the IMS;
+    /// sites whose prefix is not a /64 or whose gateway is not link-local
+    /// are left out).
+    pub fn set_sites(&mut self, sites: Vec<SiteHint>) {
+        self.sites = sites
+            .into_iter()
+            .filter(|s| is_link_local(&s.gateway) && mask64(s.prefix) == s.prefix)
+            .filter(|s| !is_link_local(&s.prefix) && !s.prefix.is_multicast())
+            .collect();
+    }
+
+    /// Probes the registered gateways on interface `k` (nothing without a
+    /// registry).
+    fn probe_gateways(&mut self, k: usize, now: Instant) {
+        let mut targets: Vec<Ipv6Addr> = self.sites.iter().map(|s| s.gateway).collect();
+        targets.sort();
+        targets.dedup();
+        if targets.is_empty() {
+            return;
+        }
+        self.ifaces[k].probe_until = Some(now + Self::PROBE_WINDOW);
+        self.counters.gateway_probes += 1;
+        self.actions.push_back(Action::ProbeGateways {
+            ifindex: self.ifaces[k].cfg.ifindex,
+            targets,
+        });
+    }
+
+    /// A Neighbor Advertisement received on `ifindex`. When it answers a
+    /// recent gateway probe and its (address, MAC) pair is a registered
+    /// site's gateway, the link is that site's: it is handled as that
+    /// site's Router Advertisement would be (same checks, allow-list
+    /// included), so a VM that arrives unprepared forms its MoA one round
+    /// trip after the link event instead of waiting for the router, which
+    /// delays a solicited RA by up to 0.5 s (RFC 4861 §6.2.6). The site's
+    /// own RA, when it comes, refreshes or corrects the attachment.
+    /// Returns `None` when the NA is not such an answer.
+    pub fn handle_na(&mut self, ifindex: IfIndex, na: &NaInput, now: Instant) -> Option<RaVerdict> {
+        let k = self.idx(ifindex)?;
+        if self.ifaces[k].probe_until.is_none_or(|t| now > t) {
+            return None;
+        }
+        if na.hop_limit != 255 || !na.router || !is_link_local(&na.target) || na.src != na.target {
+            return None;
+        }
+        let mac = na.target_mac?;
+        let site = self
+            .sites
+            .iter()
+            .find(|s| s.gateway == na.target && s.gateway_mac == mac)?
+            .clone();
+        self.counters.gateway_probe_hits += 1;
+        let ra = RaInput {
+            src: site.gateway,
+            src_mac: Some(mac),
+            hop_limit: 255,
+            fragmented: false,
+            router_lifetime_s: site.router_lifetime_s,
+            prefixes: vec![RaPrefix {
+                prefix: site.prefix,
+                prefix_len: 64,
+                valid_lifetime_s: u32::from(site.router_lifetime_s),
+            }],
+        };
+        Some(self.handle_ra(ifindex, &ra, now))
     }
 
     /// Sends an RS if one is due on an unconfigured interface.
@@ -1341,6 +1466,12 @@ impl Mobility {
             });
         }
         self.install_router(k, &a, metric);
+        self.ifaces[k].state = IfaceState::Active(a.clone());
+        // The activation leaves as soon as the MoA and its routes exist:
+        // peers cannot reach the new MoA before they learn it, and the
+        // translation update (an nft transaction, slow in a just-resumed
+        // guest) would only delay it.
+        self.activated(k, &a, now, now, HandoverKind::Renumbered);
         // Replacing the own_src element switches the source in one step.
         self.actions.push_back(Action::SetOwnSource {
             ifindex: cfg.ifindex,
@@ -1352,8 +1483,6 @@ impl Mobility {
             moa: old.moa,
             prefix_len: old.prefix_len,
         });
-        self.ifaces[k].state = IfaceState::Active(a.clone());
-        self.activated(k, &a, now, now, HandoverKind::Renumbered);
     }
 
     /// The router of interface `k` is unreachable (lifetime ran out or it
@@ -2368,6 +2497,213 @@ mod tests {
         assert!(u[0].activate);
         assert_eq!(u[0].active, Some(new));
         assert_eq!(m.active_moa(), Some(new));
+        // The activation does not wait for the translation update.
+        let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).unwrap();
+        let upd = pos(&|x| matches!(x, Action::SendImsUpdate(_)));
+        assert!(pos(&|x| matches!(x, Action::AddMoa { .. })) < upd);
+        assert!(pos(&|x| matches!(x, Action::AddRoute(_))) < upd);
+        assert!(upd < pos(&|x| matches!(x, Action::SetOwnSource { .. })));
+    }
+
+    /// The registry of the testbed: both gateways on fe80::1, told apart
+    /// by their MACs.
+    fn sites() -> Vec<SiteHint> {
+        let gw = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        vec![
+            SiteHint {
+                prefix: PFX_A,
+                gateway: gw,
+                gateway_mac: [2, 0, 0, 0, 0xa, 1],
+                router_lifetime_s: 1800,
+            },
+            SiteHint {
+                prefix: PFX_B,
+                gateway: gw,
+                gateway_mac: [2, 0, 0, 0, 0xb, 1],
+                router_lifetime_s: 1800,
+            },
+        ]
+    }
+
+    fn gw_na(mac: [u8; 6]) -> NaInput {
+        let gw = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        NaInput {
+            src: gw,
+            target: gw,
+            target_mac: Some(mac),
+            hop_limit: 255,
+            router: true,
+        }
+    }
+
+    #[test]
+    fn gateway_probe_recognises_the_new_site_without_an_ra() {
+        let c = Clock(Instant::now());
+        let gw = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        let mut m = Mobility::new(cfg(vec![]));
+        m.set_sites(sites());
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        assert_eq!(
+            drain(&mut m),
+            vec![
+                Action::SendRs { ifindex: 2 },
+                Action::ProbeGateways {
+                    ifindex: 2,
+                    targets: vec![gw]
+                }
+            ]
+        );
+        // Site A's gateway answers: the MoA is formed from the registry.
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xa, 1]), c.at(3)),
+            Some(RaVerdict::Accepted)
+        );
+        let a = drain(&mut m);
+        let u = updates(&a);
+        ack(&mut m, u[0].seq, c.at(4));
+        drain(&mut m);
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_A, MAC1)));
+        // Migrated, unprepared, to site B: the announce triggers RS and
+        // probes; B's gateway answers long before any RA.
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(10_000));
+        assert_eq!(
+            drain(&mut m),
+            vec![
+                Action::SendRs { ifindex: 2 },
+                Action::ProbeGateways {
+                    ifindex: 2,
+                    targets: vec![gw]
+                }
+            ]
+        );
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xb, 1]), c.at(10_002)),
+            Some(RaVerdict::Accepted)
+        );
+        let a = drain(&mut m);
+        let new = moa_for(PFX_B, MAC1);
+        assert!(a.contains(&Action::AddMoa {
+            ifindex: 2,
+            moa: new,
+            prefix_len: 64
+        }));
+        assert!(a.contains(&Action::SetNeighbor {
+            ifindex: 2,
+            router: gw,
+            mac: [2, 0, 0, 0, 0xb, 1]
+        }));
+        let u = updates(&a);
+        assert!(u[0].activate);
+        assert_eq!(u[0].active, Some(new));
+        assert_eq!(m.active_moa(), Some(new));
+        assert_eq!(m.counters().gateway_probe_hits, 2);
+        // The site's own RA then refreshes without any action.
+        ack(&mut m, u[0].seq, c.at(10_003));
+        drain(&mut m);
+        m.handle_ra(
+            2,
+            &RaInput {
+                src_mac: Some([2, 0, 0, 0, 0xb, 1]),
+                ..ra(gw, PFX_B, 1800)
+            },
+            c.at(10_300),
+        );
+        assert!(
+            !drain(&mut m)
+                .iter()
+                .any(|a| matches!(a, Action::AddMoa { .. } | Action::RemoveMoa { .. })),
+            "the RA confirms the probed site"
+        );
+    }
+
+    #[test]
+    fn gateway_probe_answers_are_checked() {
+        let c = Clock(Instant::now());
+        let mut m = active_on_a(&c, vec![]);
+        let before = m.active_moa();
+        // No probe outstanding (no registry yet when the link came up).
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xb, 1]), c.at(100)),
+            None
+        );
+        m.set_sites(sites());
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(200));
+        drain(&mut m);
+        // An unknown MAC, no R flag, a wrong hop limit, a global target, a
+        // missing target MAC: not a registered gateway.
+        let bad = [
+            gw_na([2, 0, 0, 0, 0xc, 1]),
+            NaInput {
+                router: false,
+                ..gw_na([2, 0, 0, 0, 0xb, 1])
+            },
+            NaInput {
+                hop_limit: 64,
+                ..gw_na([2, 0, 0, 0, 0xb, 1])
+            },
+            NaInput {
+                target: PFX_B,
+                src: PFX_B,
+                ..gw_na([2, 0, 0, 0, 0xb, 1])
+            },
+            NaInput {
+                target_mac: None,
+                ..gw_na([2, 0, 0, 0, 0xb, 1])
+            },
+        ];
+        for na in &bad {
+            assert_eq!(m.handle_na(2, na, c.at(201)), None, "{na:?}");
+        }
+        // Too late: the probe window is over.
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xb, 1]), c.at(200 + 3_001)),
+            None
+        );
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.active_moa(), before);
+        // The allow-list applies to a probed gateway as to an RA.
+        let mut m = active_on_a(&c, vec![RTR_A]);
+        m.set_sites(sites());
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(200));
+        drain(&mut m);
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xb, 1]), c.at(201)),
+            Some(RaVerdict::NotAllowed)
+        );
+        // The current site's gateway answering changes nothing.
+        let mut m = Mobility::new(cfg(vec![]));
+        m.set_sites(sites());
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_na(2, &gw_na([2, 0, 0, 0, 0xa, 1]), c.at(1));
+        let u = updates(&drain(&mut m));
+        ack(&mut m, u[0].seq, c.at(2));
+        drain(&mut m);
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(500));
+        drain(&mut m);
+        assert_eq!(
+            m.handle_na(2, &gw_na([2, 0, 0, 0, 0xa, 1]), c.at(501)),
+            Some(RaVerdict::Accepted)
+        );
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn no_registry_no_probe() {
+        let c = Clock(Instant::now());
+        let mut m = Mobility::new(cfg(vec![]));
+        // A site that is not a /64 or whose gateway is global is dropped.
+        m.set_sites(vec![
+            SiteHint {
+                prefix: Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, 1),
+                ..sites()[0].clone()
+            },
+            SiteHint {
+                gateway: PFX_B,
+                ..sites()[1].clone()
+            },
+        ]);
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        assert_eq!(drain(&mut m), vec![Action::SendRs { ifindex: 2 }]);
     }
 
     #[test]
