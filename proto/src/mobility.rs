@@ -502,6 +502,8 @@ struct Iface {
     state: IfaceState,
     /// Gateway probe answers are accepted until then.
     probe_until: Option<Instant>,
+    /// When a notify-peers event last solicited this link.
+    notified_at: Option<Instant>,
 }
 
 /// The registration with the IMS.
@@ -708,6 +710,7 @@ impl Mobility {
                 cfg: c.clone(),
                 state: IfaceState::Down,
                 probe_until: None,
+                notified_at: None,
             })
             .collect();
         Self {
@@ -912,11 +915,27 @@ impl Mobility {
                     self.probe_gateways(k, now);
                 }
             }
-            LinkEvent::CarrierDown => self.carrier_down(k, now),
+            LinkEvent::CarrierDown => {
+                self.ifaces[k].notified_at = None;
+                self.carrier_down(k, now);
+            }
             LinkEvent::NotifyPeers => {
                 // The VM may have moved: ask every link with carrier for a
-                // fresh RA now instead of waiting for a periodic one.
+                // fresh RA now instead of waiting for a periodic one. A
+                // hypervisor announces several times (QEMU: 5 rounds over
+                // 0.6 s) on every NIC; one solicitation per link and
+                // hold-off is enough, and a just-resumed guest has better
+                // use for its CPU.
                 for j in 0..self.ifaces.len() {
+                    if self.ifaces[j]
+                        .notified_at
+                        .is_some_and(|t| now < t + Self::NOTIFY_HOLDOFF)
+                    {
+                        continue;
+                    }
+                    if !matches!(self.ifaces[j].state, IfaceState::Down) {
+                        self.ifaces[j].notified_at = Some(now);
+                    }
                     match &mut self.ifaces[j].state {
                         IfaceState::Down => {}
                         IfaceState::Unconfigured { rs_sent, next_rs } => {
@@ -938,6 +957,10 @@ impl Mobility {
             }
         }
     }
+
+    /// Notify-peers events within this time of the one that solicited a
+    /// link solicit it again only if its carrier came back in between.
+    const NOTIFY_HOLDOFF: Duration = Duration::from_secs(1);
 
     /// How long after a probe its answers are accepted.
     const PROBE_WINDOW: Duration = Duration::from_secs(3);
@@ -3170,6 +3193,7 @@ mod proptests {
         Down(u32),
         Notify(u32),
         Ra(u32, u8, u8, u16),
+        Na(u32, u8),
         Ack,
         Stale(u64),
         Wait(u16),
@@ -3180,6 +3204,7 @@ mod proptests {
             (2u32..4).prop_map(Ev::Up),
             (2u32..4).prop_map(Ev::Down),
             (2u32..4).prop_map(Ev::Notify),
+            (2u32..4, 0u8..4).prop_map(|(i, g)| Ev::Na(i, g)),
             (
                 2u32..4,
                 0u8..4,
@@ -3225,6 +3250,13 @@ mod proptests {
                 nonce_seed: 0,
                 timers: Timers::default(),
             });
+            // Sites A and B share a gateway address, told apart by MAC.
+            let gw_macs = [[2, 0, 0, 0, 9, 0xa], [2, 0, 0, 0, 9, 0xb], [2, 0, 0, 0, 9, 0xc], [2, 0, 0, 0, 9, 0xd]];
+            m.set_sites(vec![
+                SiteHint { prefix: prefixes[0], gateway: routers[0], gateway_mac: gw_macs[0], router_lifetime_s: 1800 },
+                SiteHint { prefix: prefixes[1], gateway: routers[0], gateway_mac: gw_macs[1], router_lifetime_s: 1800 },
+                SiteHint { prefix: prefixes[2], gateway: routers[1], gateway_mac: gw_macs[2], router_lifetime_s: 3 },
+            ]);
             let t0 = Instant::now();
             let mut now = t0;
             let mut addrs: BTreeSet<(u32, Ipv6Addr)> = BTreeSet::new();
@@ -3247,6 +3279,13 @@ mod proptests {
                         let v = m.handle_ra(i, &ra, now);
                         if r >= 2 && i == 3 { prop_assert_ne!(v, RaVerdict::Accepted); }
                         if r == 3 { prop_assert_eq!(v, RaVerdict::Malformed); }
+                    }
+                    Ev::Na(i, g) => {
+                        let gw = if g == 2 { routers[1] } else { routers[0] };
+                        let na = NaInput { src: gw, target: gw, target_mac: Some(gw_macs[usize::from(g)]), hop_limit: 255, router: true };
+                        let v = m.handle_na(i, &na, now);
+                        // An unregistered MAC is never taken for a site.
+                        if g == 3 { prop_assert_eq!(v, None); }
                     }
                     Ev::Ack => {
                         if let Some(u) = &last_update {
