@@ -656,7 +656,7 @@ impl Agent {
             }
             Event::Na { ifindex, na } => {
                 if let Some(v) = self.m.handle_na(ifindex, &na, now) {
-                    tracing::info!(ifindex, gateway = %na.target, ?v, "link recognised by its gateway (site registry)");
+                    tracing::debug!(ifindex, gateway = %na.target, ?v, "link recognised by its gateway (site registry)");
                 }
             }
             Event::Sites(sites) => {

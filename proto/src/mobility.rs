@@ -950,7 +950,12 @@ impl Mobility {
                             });
                         }
                     }
-                    if !matches!(self.ifaces[j].state, IfaceState::Down) {
+                    // A standby was prepared for the link it is on (and its
+                    // RA refreshes it): probing it would only cost CPU.
+                    if matches!(
+                        self.ifaces[j].state,
+                        IfaceState::Unconfigured { .. } | IfaceState::Active(_)
+                    ) {
                         self.probe_gateways(j, now);
                     }
                 }
@@ -1489,13 +1494,11 @@ impl Mobility {
             });
         }
         self.install_router(k, &a, metric);
-        self.ifaces[k].state = IfaceState::Active(a.clone());
-        // The activation leaves as soon as the MoA and its routes exist:
-        // peers cannot reach the new MoA before they learn it, and the
-        // translation update (an nft transaction, slow in a just-resumed
-        // guest) would only delay it.
-        self.activated(k, &a, now, now, HandoverKind::Renumbered);
         // Replacing the own_src element switches the source in one step.
+        // It also puts the new MoA into own_moas, which must happen before
+        // the activation: a peer that learns the MoA sends to it at once,
+        // and until then the kernel would answer with a RST from an
+        // address the agent's RST filter does not know yet.
         self.actions.push_back(Action::SetOwnSource {
             ifindex: cfg.ifindex,
             ifname: cfg.name.clone(),
@@ -1506,6 +1509,8 @@ impl Mobility {
             moa: old.moa,
             prefix_len: old.prefix_len,
         });
+        self.ifaces[k].state = IfaceState::Active(a.clone());
+        self.activated(k, &a, now, now, HandoverKind::Renumbered);
     }
 
     /// The router of interface `k` is unreachable (lifetime ran out or it
@@ -2520,12 +2525,14 @@ mod tests {
         assert!(u[0].activate);
         assert_eq!(u[0].active, Some(new));
         assert_eq!(m.active_moa(), Some(new));
-        // The activation does not wait for the translation update.
+        // The new MoA is in own_moas (SetOwnSource) before any peer can
+        // learn it: else the kernel's RST to a peer's early packet would
+        // pass the RST filter and reset the peer's connection.
         let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).unwrap();
         let upd = pos(&|x| matches!(x, Action::SendImsUpdate(_)));
         assert!(pos(&|x| matches!(x, Action::AddMoa { .. })) < upd);
         assert!(pos(&|x| matches!(x, Action::AddRoute(_))) < upd);
-        assert!(upd < pos(&|x| matches!(x, Action::SetOwnSource { .. })));
+        assert!(pos(&|x| matches!(x, Action::SetOwnSource { .. })) < upd);
     }
 
     /// The registry of the testbed: both gateways on fe80::1, told apart
@@ -2708,6 +2715,35 @@ mod tests {
             Some(RaVerdict::Accepted)
         );
         assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_prepared_standby_is_not_probed() {
+        let c = Clock(Instant::now());
+        let gw = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+        let mut m = active_on_a(&c, vec![]);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(110));
+        drain(&mut m);
+        m.set_sites(sites());
+        m.handle_link(3, LinkEvent::NotifyPeers, c.at(1_000));
+        let probes: Vec<Action> = drain(&mut m)
+            .into_iter()
+            .filter(|a| matches!(a, Action::ProbeGateways { .. }))
+            .collect();
+        assert_eq!(
+            probes,
+            vec![Action::ProbeGateways {
+                ifindex: 2,
+                targets: vec![gw]
+            }]
+        );
+        // Further announces within the hold-off solicit nothing.
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(1_100));
+        m.handle_link(3, LinkEvent::NotifyPeers, c.at(1_200));
+        assert!(drain(&mut m).is_empty());
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(2_100));
+        assert!(drain(&mut m).contains(&Action::SendRs { ifindex: 2 }));
     }
 
     #[test]

@@ -1046,8 +1046,11 @@ fn agent_toml(
     // it (the CN has one NIC, so it never has a standby to copy to).
     // MAT6_BICAST=0 turns it off, to measure what it saves.
     let bicast = std::env::var("MAT6_BICAST").map_or(true, |v| v != "0");
+    // MAT6_SITE_PROBE=0 turns the site-registry gateway probe off (then an
+    // unprepared move waits for the router's RA).
+    let probe = std::env::var("MAT6_SITE_PROBE").map_or(true, |v| v != "0");
     t.push_str(&format!(
-        "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\nstandby_bicast = {bicast}\n"
+        "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\nstandby_bicast = {bicast}\nsite_probe = {probe}\n"
     ));
     t
 }
