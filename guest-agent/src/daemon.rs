@@ -594,6 +594,7 @@ fn action_name(a: &Action) -> &'static str {
     match a {
         Action::SendRs { .. } => "SendRs",
         Action::ProbeGateways { .. } => "ProbeGateways",
+        Action::PrepareOwnMoas(_) => "PrepareOwnMoas",
         Action::AddMoa { .. } => "AddMoa",
         Action::RemoveMoa { .. } => "RemoveMoa",
         Action::SetNeighbor { .. } => "SetNeighbor",
@@ -943,6 +944,10 @@ impl Agent {
                     Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(e.into()),
                 }
+            }
+            Action::PrepareOwnMoas(moas) => {
+                let s = self.tr.set_prepared(&moas.into_iter().collect());
+                self.nft_run(&s).await?;
             }
             Action::SetOwnSource { ifname, moa, .. } => {
                 let s = self.tr.set_own(&ifname, moa);

@@ -86,6 +86,8 @@ pub struct Translation {
     peer_in: BTreeMap<Ipv6Addr, Ipv6Addr>,
     own_src: BTreeMap<String, Ipv6Addr>,
     own_moas: BTreeSet<Ipv6Addr>,
+    /// MoAs put into `own_moas` before they exist ([`Translation::set_prepared`]).
+    prepared: BTreeSet<Ipv6Addr>,
 }
 
 fn quote_ifname(name: &str) -> String {
@@ -108,6 +110,7 @@ impl Translation {
             peer_in: BTreeMap::new(),
             own_src: BTreeMap::new(),
             own_moas: BTreeSet::new(),
+            prepared: BTreeSet::new(),
         }
     }
 
@@ -195,7 +198,7 @@ impl Translation {
                 let _ = writeln!(s, "delete element ip6 {t} own_src {{ {q} }}");
                 let _ = writeln!(s, "add element ip6 {t} own_src {{ {q} : {moa} }}");
                 self.own_src.insert(ifname.to_owned(), moa);
-                if !self.own_src.values().any(|m| *m == old) && self.own_moas.remove(&old) {
+                if self.unused(old) && self.own_moas.remove(&old) {
                     let _ = writeln!(s, "delete element ip6 {t} own_moas {{ {old} }}");
                 }
             }
@@ -251,8 +254,36 @@ impl Translation {
             );
             self.own_src.remove(ifname);
         }
-        if !self.own_src.values().any(|m| *m == moa) && self.own_moas.remove(&moa) {
+        if self.unused(moa) && self.own_moas.remove(&moa) {
             let _ = writeln!(s, "delete element ip6 {t} own_moas {{ {moa} }}");
+        }
+        s
+    }
+
+    /// Whether `moa` may leave `own_moas`: no interface uses it and it is
+    /// not prepared.
+    fn unused(&self, moa: Ipv6Addr) -> bool {
+        !self.own_src.values().any(|m| *m == moa) && !self.prepared.contains(&moa)
+    }
+
+    /// Puts the MoAs this node would form on the registered sites into
+    /// `own_moas` ahead of time (and takes out those no longer prepared
+    /// nor in use). A move to such a site can then announce its new MoA
+    /// before the `own_src` update: packets that reach the MoA early are
+    /// already translated, and the kernel's RSTs from it already dropped.
+    pub fn set_prepared(&mut self, moas: &BTreeSet<Ipv6Addr>) -> String {
+        let t = &self.table;
+        let mut s = String::new();
+        let old = std::mem::replace(&mut self.prepared, moas.clone());
+        for &m in old.difference(moas) {
+            if self.unused(m) && self.own_moas.remove(&m) {
+                let _ = writeln!(s, "delete element ip6 {t} own_moas {{ {m} }}");
+            }
+        }
+        for &m in moas {
+            if self.own_moas.insert(m) {
+                let _ = writeln!(s, "add element ip6 {t} own_moas {{ {m} }}");
+            }
         }
         s
     }
@@ -343,6 +374,41 @@ mod tests {
         assert_eq!(
             t.bicast(None),
             format!("{chain}delete chain ip6 m bicast\n")
+        );
+    }
+
+    #[test]
+    fn prepared_moas_stay_in_own_moas() {
+        let mut t = Translation::new("m", a("2001:db8:ff::1"));
+        let pa = a("2001:db8:a::1");
+        let pb = a("2001:db8:b::1");
+        let set: BTreeSet<Ipv6Addr> = [pa, pb].into();
+        assert_eq!(
+            t.set_prepared(&set),
+            "add element ip6 m own_moas { 2001:db8:a::1 }\n\
+             add element ip6 m own_moas { 2001:db8:b::1 }\n"
+        );
+        assert_eq!(t.set_prepared(&set), "");
+        // Using a prepared MoA only maps the interface.
+        assert_eq!(
+            t.set_own("eth0", pa),
+            "add element ip6 m own_src { \"eth0\" : 2001:db8:a::1 }\n"
+        );
+        // Moving on: the old MoA stays (prepared), nothing to add.
+        assert_eq!(
+            t.set_own("eth0", pb),
+            "delete element ip6 m own_src { \"eth0\" }\n\
+             add element ip6 m own_src { \"eth0\" : 2001:db8:b::1 }\n"
+        );
+        // Unprepared: pa (unused) goes, pb (in use) stays.
+        assert_eq!(
+            t.set_prepared(&BTreeSet::new()),
+            "delete element ip6 m own_moas { 2001:db8:a::1 }\n"
+        );
+        assert_eq!(
+            t.remove_own("eth0", pb),
+            "delete element ip6 m own_src { \"eth0\" }\n\
+             delete element ip6 m own_moas { 2001:db8:b::1 }\n"
         );
     }
 

@@ -272,6 +272,10 @@ pub enum Action {
         /// Interface.
         ifindex: IfIndex,
     },
+    /// Put these MoAs into the translation's `own_moas` ahead of time (the
+    /// MoAs each NIC would form on each registered site; replaces the
+    /// previous list). See [`Mobility::set_sites`].
+    PrepareOwnMoas(Vec<Ipv6Addr>),
     /// Send a Neighbor Solicitation for each of the site gateways'
     /// link-local addresses (to its solicited-node group), to learn at
     /// once which registered site the link belongs to (RFC 6059-style
@@ -619,6 +623,8 @@ pub struct Mobility {
     cfg: MobilityConfig,
     /// The IMS site registry ([`Mobility::set_sites`]).
     sites: Vec<SiteHint>,
+    /// The MoAs of [`Action::PrepareOwnMoas`].
+    prepared_moas: Vec<Ipv6Addr>,
     ifaces: Vec<Iface>,
     next_seq: u64,
     registration: Registration,
@@ -731,6 +737,7 @@ impl Mobility {
             counters: Counters::default(),
             actions: VecDeque::new(),
             sites: Vec::new(),
+            prepared_moas: Vec::new(),
         }
     }
 
@@ -973,12 +980,26 @@ impl Mobility {
     /// Replaces the site registry used to recognise links (from the IMS;
     /// sites whose prefix is not a /64 or whose gateway is not link-local
     /// are left out).
+    /// The MoAs each NIC would form on each site are prepared in the
+    /// translation ([`Action::PrepareOwnMoas`]), so that a renumbering to
+    /// a registered site can activate before the translation update.
     pub fn set_sites(&mut self, sites: Vec<SiteHint>) {
         self.sites = sites
             .into_iter()
             .filter(|s| is_link_local(&s.gateway) && mask64(s.prefix) == s.prefix)
             .filter(|s| !is_link_local(&s.prefix) && !s.prefix.is_multicast())
             .collect();
+        let mut moas: Vec<Ipv6Addr> = self
+            .sites
+            .iter()
+            .flat_map(|s| self.ifaces.iter().map(|i| moa_for(s.prefix, i.cfg.mac)))
+            .collect();
+        moas.sort();
+        moas.dedup();
+        if moas != self.prepared_moas {
+            self.prepared_moas = moas.clone();
+            self.actions.push_back(Action::PrepareOwnMoas(moas));
+        }
     }
 
     /// Probes the registered gateways on interface `k` (nothing without a
@@ -1498,7 +1519,15 @@ impl Mobility {
         // It also puts the new MoA into own_moas, which must happen before
         // the activation: a peer that learns the MoA sends to it at once,
         // and until then the kernel would answer with a RST from an
-        // address the agent's RST filter does not know yet.
+        // address the agent's RST filter does not know yet. A MoA of a
+        // registered site is in own_moas already (PrepareOwnMoas): then
+        // the activation goes first, since the translation update is an
+        // nft transaction, slow in a just-resumed guest.
+        let early = self.prepared_moas.binary_search(&a.moa).is_ok();
+        self.ifaces[k].state = IfaceState::Active(a.clone());
+        if early {
+            self.activated(k, &a, now, now, HandoverKind::Renumbered);
+        }
         self.actions.push_back(Action::SetOwnSource {
             ifindex: cfg.ifindex,
             ifname: cfg.name.clone(),
@@ -1509,8 +1538,9 @@ impl Mobility {
             moa: old.moa,
             prefix_len: old.prefix_len,
         });
-        self.ifaces[k].state = IfaceState::Active(a.clone());
-        self.activated(k, &a, now, now, HandoverKind::Renumbered);
+        if !early {
+            self.activated(k, &a, now, now, HandoverKind::Renumbered);
+        }
     }
 
     /// The router of interface `k` is unreachable (lifetime ran out or it
@@ -2576,6 +2606,12 @@ mod tests {
         assert_eq!(
             drain(&mut m),
             vec![
+                Action::PrepareOwnMoas(vec![
+                    moa_for(PFX_A, MAC1),
+                    moa_for(PFX_A, MAC2),
+                    moa_for(PFX_B, MAC1),
+                    moa_for(PFX_B, MAC2),
+                ]),
                 Action::SendRs { ifindex: 2 },
                 Action::ProbeGateways {
                     ifindex: 2,
@@ -2627,6 +2663,13 @@ mod tests {
         assert_eq!(u[0].active, Some(new));
         assert_eq!(m.active_moa(), Some(new));
         assert_eq!(m.counters().gateway_probe_hits, 2);
+        // B's MoA was prepared in own_moas: the activation does not wait
+        // for the translation update.
+        let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).unwrap();
+        assert!(
+            pos(&|x| matches!(x, Action::SendImsUpdate(_)))
+                < pos(&|x| matches!(x, Action::SetOwnSource { .. }))
+        );
         // The site's own RA then refreshes without any action.
         ack(&mut m, u[0].seq, c.at(10_003));
         drain(&mut m);
