@@ -773,6 +773,7 @@ impl Agent {
         let v = serde_json::json!({
             "status": st,
             "uptime_s": self.started.elapsed().as_secs(),
+            "counters": self.m.counters(),
             "translation": {
                 "peer_out": self.tr.peer_out(),
                 "peer_in": self.tr.peer_in(),

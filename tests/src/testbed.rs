@@ -510,6 +510,12 @@ pub struct RunResult {
     /// migration when it works).
     #[serde(default)]
     pub guest_bicasts: Option<u32>,
+    /// Agent modes: how many gateway-probe answers so far identified a
+    /// registered site (`guest-agent status`, counter
+    /// `gateway_probe_hits`): at least one once the VM moved without
+    /// preparation, when the site probe works.
+    #[serde(default)]
+    pub guest_probe_hits: Option<u32>,
 }
 
 /// Where the host-side tools are.
@@ -858,6 +864,7 @@ fn measure(
         udp_report,
         tcp_report,
         guest_bicasts: None,
+        guest_probe_hits: None,
     })
 }
 
@@ -1518,6 +1525,22 @@ impl Testbed {
                         )
                         .ok()
                         .and_then(|(_, o)| o.trim().parse().ok());
+                    let status = vm.qemu.sh(
+                        "guest-agent status --socket /run/mat6/guest-agent.sock --json",
+                        Duration::from_secs(10),
+                    );
+                    r.guest_probe_hits = status
+                        .as_ref()
+                        .ok()
+                        .and_then(|(_, o)| {
+                            let doc: serde_json::Value =
+                                serde_json::from_str(o.get(o.find('{')?..)?).ok()?;
+                            doc["counters"]["gateway_probe_hits"].as_u64()
+                        })
+                        .and_then(|n| u32::try_from(n).ok());
+                    if r.guest_probe_hits.is_none() {
+                        eprintln!("guest-agent status (no gateway_probe_hits): {status:?}");
+                    }
                     // Timing diagnosis: MAT6_GUEST_LOG=1 prints the guest
                     // agent's log tail (and the kernel's) after each leg.
                     if std::env::var_os("MAT6_GUEST_LOG").is_some() {

@@ -231,4 +231,13 @@ fn e2e_noprep_migration_recovers() {
         hp["new_active"], "nic0",
         "no NIC swap without preparation: {hp}"
     );
+    // The agent fetched the IMS site registry and site B's gateway answered
+    // its probe (MAT6_SITE_PROBE=0 turns the probe off).
+    if std::env::var("MAT6_SITE_PROBE").map_or(true, |v| v != "0") {
+        assert!(
+            r.guest_probe_hits.is_some_and(|n| n >= 1),
+            "site probe: {:?} registered gateways answered",
+            r.guest_probe_hits
+        );
+    }
 }

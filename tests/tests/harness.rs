@@ -76,7 +76,13 @@ fn ping6_over_bridge_and_cleanup() {
         // A process started inside is killed on drop of its guard...
         let mut sleeper = l.a.spawn("sleep", &["600"]).unwrap();
         assert!(sleeper.is_running());
-        assert!(l.a.pids().contains(&(sleeper.pid() as i32)));
+        // `ip netns exec` joins the namespace just after the spawn returns:
+        // wait for it (a loaded machine showed the race).
+        let sp = sleeper.pid() as i32;
+        l.a.wait_for("the sleeper inside the namespace", T, || {
+            l.a.pids().contains(&sp)
+        })
+        .unwrap();
         // ...and one left running is killed when its namespace drops.
         let orphan = l.b.spawn("sleep", &["600"]).unwrap();
         pid = orphan.pid();
