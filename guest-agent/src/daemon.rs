@@ -380,10 +380,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         });
     }
 
+    // The IMS control channel (TLS): its address and trust, read once for
+    // the watch and the site registry.
+    let control = match (cfg.ims.control_addr, cfg.ims.ca_file.as_ref()) {
+        (Some(addr), Some(ca)) => Some((
+            addr,
+            ims_client::TlsSettings::from_ca_pem_file(ca, &cfg.ims.server_name)
+                .map_err(AgentError::Tls)?,
+        )),
+        _ => None,
+    };
+
     // Peers' bindings from the IMS watch (TLS, in the background).
-    let _watch = if let (Some(addr), Some(ca)) = (cfg.ims.control_addr, cfg.ims.ca_file.clone()) {
-        let tls = ims_client::TlsSettings::from_ca_pem_file(&ca, &cfg.ims.server_name)
-            .map_err(AgentError::Tls)?;
+    let _watch = if let Some((addr, tls)) = control.clone() {
         let filter = ims_client::WatchFilter {
             hoas: cfg.peers.hoas.clone(),
             prefixes: cfg.peers.prefixes.clone(),
@@ -410,13 +419,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // The IMS site registry, to recognise a site by its gateway right
     // after a link event (Mobility::handle_na). Fetched until it answers,
     // then every 5 minutes.
-    let _sites = if let (Some(addr), Some(ca), true) = (
-        cfg.ims.control_addr,
-        cfg.ims.ca_file.clone(),
-        cfg.agent.site_probe,
-    ) {
-        let tls = ims_client::TlsSettings::from_ca_pem_file(&ca, &cfg.ims.server_name)
-            .map_err(AgentError::Tls)?;
+    let _sites = if let (Some((addr, tls)), true) = (control, cfg.agent.site_probe) {
         let t = tx.clone();
         Some(tokio::spawn(async move {
             loop {
