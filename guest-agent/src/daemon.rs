@@ -609,6 +609,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::RemoveOwnSource { .. } => "RemoveOwnSource",
         Action::SendImsUpdate(_) => "SendImsUpdate",
         Action::SendUnsolicitedNa { .. } => "SendUnsolicitedNa",
+        Action::AnnounceToRouter { .. } => "AnnounceToRouter",
         Action::SendPeerNotify { .. } => "SendPeerNotify",
         Action::SetPeerMaps { .. } => "SetPeerMaps",
         Action::HandoverDone(_) => "HandoverDone",
@@ -675,7 +676,7 @@ impl Agent {
             Event::Notify { bytes, from } => self.on_notify(&bytes, from).await,
             Event::PeerRecord(r) => {
                 let b = peer_binding(&r.binding);
-                if self.m.handle_peer_binding(r.binding.hoa, b) {
+                if self.m.handle_peer_binding(r.binding.hoa, b, now) {
                     tracing::info!(peer = %r.binding.hoa, active = ?r.binding.active, seq = r.binding.seq, "peer binding from IMS");
                 }
             }
@@ -812,7 +813,8 @@ impl Agent {
                             expires_unix: a.expires_unix,
                             key_id: 0,
                         };
-                        self.m.handle_peer_binding(a.hoa, peer_binding(&b));
+                        self.m
+                            .handle_peer_binding(a.hoa, peer_binding(&b), Instant::now());
                         // Apply the maps before acking, so the ack (and
                         // everything after it) already uses the new MoA.
                         self.drain().await;
@@ -979,6 +981,20 @@ impl Agent {
                         target_ll: Some(mac),
                     };
                     i.sender.send(&na, Some(moa), ALL_NODES).await?;
+                }
+            }
+            Action::AnnounceToRouter {
+                ifindex,
+                moa,
+                router,
+                mac,
+            } => {
+                if let Some(i) = self.ifaces.get(&ifindex) {
+                    let ns = NdpRepr::NeighborSolicit {
+                        target: router,
+                        source_ll: Some(mac),
+                    };
+                    i.sender.send(&ns, Some(moa), router).await?;
                 }
             }
             Action::SendPeerNotify {

@@ -4,7 +4,7 @@
 //! ```text
 //! table ip6 mat6
 //!   map peer_out  peer HoA  -> peer active MoA
-//!   map peer_in   peer MoA (active and standby) -> peer HoA
+//!   map peer_in   peer MoA (active, standby, retiring) -> peer HoA
 //!   map own_src   oifname   -> own MoA on that interface
 //!   set own_moas  every own MoA
 //!   output      (filter, raw):      drop TCP RST / ICMPv6 unreachable sourced

@@ -16,6 +16,7 @@ pub mod error;
 pub mod host;
 pub mod ims;
 pub mod migrate;
+pub mod neigh;
 pub mod prepare;
 pub mod qmp;
 pub mod ra;

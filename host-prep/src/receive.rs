@@ -2,12 +2,14 @@
 //! standby NIC on the real bridge, the currently active NIC on the bridge
 //! with no uplink), start the incoming QEMU (or use one another tool
 //! started), and on QMP `RESUME` turn the old active NIC's carrier off at
-//! once. With an IMS host token in the config, a prepared (`swap`) receive
-//! also activates the VM's standby MoA at the IMS right after that, on the
-//! VM's behalf: the IMS connection is opened and the standby MoA looked up
-//! while the incoming QEMU starts, so at `RESUME` it is one request. The
-//! guest-agent's own activation follows and resyncs its seq. Progress goes
-//! out as [`ReceiveEvent`]s (JSON lines with `--json`),
+//! once. A prepared (`swap`) receive with the IMS configured looks up the
+//! VM's standby MoA while the migration runs and seeds the site gateway's
+//! neighbour cache with it ([`crate::neigh`]). With an IMS host token in
+//! the config it also activates that MoA at the IMS right after the
+//! carrier switch, on the VM's behalf: the connection is opened and the
+//! MoA looked up while the incoming QEMU starts, so at `RESUME` it is one
+//! request. The guest-agent's own activation follows and resyncs its seq.
+//! Progress goes out as [`ReceiveEvent`]s (JSON lines with `--json`),
 //! which `migrate` on the source reads.
 
 use std::net::Ipv6Addr;
@@ -23,6 +25,7 @@ use crate::config::{ImsSettings, NicConfig};
 use crate::error::Error;
 use crate::host::Host;
 use crate::ims::{self, ImsError, ImsRegistry, Registry as _};
+use crate::neigh;
 use crate::qmp::{AnnounceParams, Qmp, QmpEvent};
 use crate::report::ms;
 use crate::state::{self, VmState};
@@ -168,21 +171,22 @@ async fn ensure_tap(
 }
 
 /// The guest announcements after `set_link <old active> off` (prepared
-/// receive): rounds at 0, 5, 20, 45 and 80 ms. Each makes the guest's
-/// virtio-net driver emit an RTM_NEWLINK (`IFLA_EVENT_NOTIFY_PEERS`) with
-/// the current carrier bit at once, so the guest-agent sees the old NIC's
-/// carrier loss without waiting for linkwatch, which defers a carrier-off
-/// up to a second after its previous run. The first round may reach the
-/// guest together with the link change and report the old carrier (the
-/// driver announces before it turns the carrier off); the later ones
-/// report it off.
-pub fn switch_announce(old: &str, new: &str) -> AnnounceParams {
+/// receive), on the old active NIC only: rounds at 0 and 10 ms. Each makes
+/// the guest's virtio-net driver emit an RTM_NEWLINK
+/// (`IFLA_EVENT_NOTIFY_PEERS`) with the current carrier bit at once, so the
+/// guest-agent sees the carrier loss without waiting for linkwatch, which
+/// defers a carrier-off up to a second after its previous run. The first
+/// round may reach the guest together with the link change and report the
+/// old carrier (the driver announces before it turns the carrier off); the
+/// second reports it off. Every round costs the guest unsolicited NAs and
+/// MLD reports for each address of the NIC, so there are no more.
+pub fn switch_announce(old: &str) -> AnnounceParams {
     AnnounceParams {
-        initial: 5,
+        initial: 10,
         max: 100,
-        rounds: 5,
+        rounds: 2,
         step: 10,
-        interfaces: vec![old.to_string(), new.to_string()],
+        interfaces: vec![old.to_string()],
     }
 }
 
@@ -201,24 +205,40 @@ struct Activation {
     moa: Ipv6Addr,
 }
 
-/// Reads the host token, connects to the IMS and looks up the VM's standby
-/// MoA inside `site`'s prefix. `None` when no host token is configured.
-async fn ready_activation(
+/// Readies the destination while the migration runs: connects to the IMS,
+/// looks up the VM's standby MoA inside `site`'s prefix, seeds the site
+/// gateway's neighbour cache with it from the real bridge `bridge_ifindex`
+/// ([`crate::neigh`]), and with a host token keeps the connection for the
+/// activation at `RESUME`. `None` when there is nothing to activate (no IMS
+/// or no host token configured); a failed seeding is a warning.
+async fn ready_destination(
     settings: Option<ImsSettings>,
     site: String,
     request_timeout: Duration,
     hoa: Ipv6Addr,
+    bridge_ifindex: u32,
 ) -> Result<Option<Activation>, ImsError> {
     let Some(settings) = settings else {
         return Ok(None);
     };
-    let Some(path) = &settings.host_token_file else {
-        return Ok(None);
+    let token = match &settings.host_token_file {
+        Some(path) => Some(ims::read_host_token(path)?),
+        None => None,
     };
-    let token = ims::read_host_token(path)?;
     let reg = ImsRegistry::connect(Some(&settings), request_timeout).await?;
     let info = reg.site(&site).await?;
     let moa = reg.standby_moa(hoa, info.prefix).await?;
+    match neigh::seed_gateway(bridge_ifindex, &info, moa).await {
+        Ok(()) => {
+            tracing::info!(%moa, gateway = %info.gateway_ll, "gateway neighbour cache seeded with the standby MoA")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %moa, "gateway neighbour cache not seeded (its first packets for the VM wait for neighbour discovery)")
+        }
+    }
+    let Some(token) = token else {
+        return Ok(None);
+    };
     tracing::info!(%hoa, %moa, %site, "standby MoA will be activated at RESUME");
     Ok(Some(Activation {
         reg,
@@ -295,11 +315,12 @@ pub async fn receive(
     let (nl, nl_task) = Netlink::connect()?;
     let attached = async {
         ensure_tap(&nl, up, &local.bridge, !opts.existing).await?;
-        ensure_tap(&nl, down, &standby_bridge, !opts.existing).await
+        ensure_tap(&nl, down, &standby_bridge, !opts.existing).await?;
+        Ok::<_, Error>(nl.link_by_name(&local.bridge).await?.ifindex)
     }
     .await;
     nl_task.abort();
-    attached?;
+    let bridge_ifindex = attached?;
 
     let mut guard = QemuGuard(None);
     if !opts.existing {
@@ -339,15 +360,16 @@ pub async fn receive(
         guard = QemuGuard(Some(child));
     }
 
-    // Ready the IMS activation in the background while QEMU starts and the
-    // migration runs: neither the listening report nor the switch waits
-    // for it.
+    // Ready the destination in the background while QEMU starts and the
+    // migration runs (standby MoA lookup, gateway neighbour cache, the IMS
+    // activation): neither the listening report nor the switch waits for it.
     let activation = (opts.attach == Attach::Swap).then(|| {
-        AbortOnDrop(tokio::spawn(ready_activation(
+        AbortOnDrop(tokio::spawn(ready_destination(
             host.cfg.ims.clone(),
             host.site.clone(),
             host.cfg.timeouts.ims(),
             vm.hoa,
+            bridge_ifindex,
         )))
     });
     let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
@@ -400,32 +422,39 @@ pub async fn receive(
     // From RESUME on, this QEMU runs the only live copy of the VM: whatever
     // fails next must not kill it.
     guard.disarm();
-    let switch_ms = match opts.attach {
-        Attach::Swap => {
-            qmp.set_link(&down.id, false)
-                .await
-                .map_err(|source| Error::NoSuchNic {
-                    vm: opts.vm.clone(),
-                    nic: down.id.clone(),
-                    source: Box::new(source),
-                })?;
-            let switched = ms(resumed_at.elapsed());
-            if let Err(e) = qmp.announce_self(&switch_announce(&down.id, &up.id)).await {
-                tracing::warn!(error = %e, "announce-self failed (the guest sees the carrier loss through linkwatch, up to a second late)");
+    // The carrier switch and the IMS activation run side by side: neither
+    // waits for the other's round trips.
+    let switch = async {
+        match opts.attach {
+            Attach::Swap => {
+                qmp.set_link(&down.id, false)
+                    .await
+                    .map_err(|source| Error::NoSuchNic {
+                        vm: opts.vm.clone(),
+                        nic: down.id.clone(),
+                        source: Box::new(source),
+                    })?;
+                let switched = ms(resumed_at.elapsed());
+                if let Err(e) = qmp.announce_self(&switch_announce(&down.id)).await {
+                    tracing::warn!(error = %e, "announce-self failed (the guest sees the carrier loss through linkwatch, up to a second late)");
+                }
+                Ok::<f64, Error>(switched)
             }
-            switched
+            Attach::Keep => Ok(0.0),
         }
-        Attach::Keep => 0.0,
     };
+    let activated = async {
+        match activation {
+            Some(task) => activate(task).await,
+            None => None,
+        }
+    };
+    let (switched, activated) = tokio::join!(switch, activated);
+    let switch_ms = switched?;
+    let activate_ms = activated.map(|done| ms(done.duration_since(resumed_at)));
     let switch_from_qemu_ms = match (opts.attach, qemu_resumed) {
         (Attach::Swap, Some(t)) => std::time::SystemTime::now().duration_since(t).ok().map(ms),
         _ => None,
-    };
-    let activate_ms = match activation {
-        Some(task) => activate(task)
-            .await
-            .map(|done| ms(done.duration_since(resumed_at))),
-        None => None,
     };
     tracing::info!(old = %roles.active.id, new = %up.id, switch_ms, ?activate_ms, "switched");
 
@@ -454,9 +483,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn switch_announce_covers_both_nics_early() {
-        let p = switch_announce("nic0", "nic1");
-        assert_eq!(p.interfaces, ["nic0", "nic1"]);
+    fn switch_announce_is_two_early_rounds_on_the_old_nic() {
+        let p = switch_announce("nic0");
+        assert_eq!(p.interfaces, ["nic0"]);
         // Round times: 0, then initial + k * step (capped at max).
         let mut t = 0;
         let mut times = vec![0];
@@ -464,10 +493,10 @@ mod tests {
             t += (p.initial + k * p.step).min(p.max);
             times.push(t);
         }
-        assert_eq!(times, [0, 5, 20, 45, 80]);
+        assert_eq!(times, [0, 10]);
         let v = serde_json::to_value(&p).unwrap();
-        assert_eq!(v["rounds"], 5);
-        assert_eq!(v["interfaces"][1], "nic1");
+        assert_eq!(v["rounds"], 2);
+        assert_eq!(v["interfaces"][0], "nic0");
     }
 
     #[test]

@@ -361,6 +361,23 @@ pub enum Action {
         /// The NIC's MAC.
         mac: [u8; 6],
     },
+    /// Send a unicast Neighbor Solicitation from the MoA (with the NIC's
+    /// MAC as source link-layer option) to the router, asking for the
+    /// router's own address: the router creates a neighbour entry for the
+    /// MoA from it (RFC 4861 §7.2.3), so its first packets for the MoA are
+    /// forwarded at once instead of waiting for a solicitation the guest
+    /// must answer. An unsolicited NA cannot do that: routers only use one
+    /// to update an entry they already have.
+    AnnounceToRouter {
+        /// Interface.
+        ifindex: IfIndex,
+        /// The MoA (source address).
+        moa: Ipv6Addr,
+        /// The router's link-local address (target and destination).
+        router: Ipv6Addr,
+        /// The NIC's MAC.
+        mac: [u8; 6],
+    },
     /// Send the binding assertion to a peer (UDP, notify port).
     SendPeerNotify {
         /// Source (the new active MoA).
@@ -381,9 +398,11 @@ pub enum Action {
         hoa: Ipv6Addr,
         /// Active MoA (`None`: no `peer_out` entry).
         active: Option<Ipv6Addr>,
-        /// All current MoAs (active and standby).
+        /// Every MoA mapped inbound: the binding's (active and standby)
+        /// and those that left it less than [`PEER_MOA_GRACE`] ago.
         moas: Vec<Ipv6Addr>,
-        /// MoAs to remove from `peer_in` (no longer in the binding).
+        /// MoAs to remove from `peer_in` (out of the binding and past
+        /// their grace, or the whole peer deleted).
         old_moas: Vec<Ipv6Addr>,
         /// Previous active MoA (for `peer_out` removal when `active` is
         /// `None`).
@@ -618,6 +637,16 @@ const HANDOVER_HISTORY: usize = 16;
 /// a just-migrated guest.
 pub const OLD_TEARDOWN_DELAY: Duration = Duration::from_millis(300);
 
+/// How long a peer's MoA that left its binding still translates to the
+/// peer's HoA on the way in. The peer's first packets after a move can
+/// still carry the old MoA as source: without preparation its guest-agent
+/// activates the new MoA before its own source rewrite (an nft
+/// transaction, slow right after a migration) has switched, so for that
+/// moment our replies already go to the new MoA while its packets come
+/// from the old one. The old MoA was the peer's by an IMS-signed binding;
+/// it stays mapped to that HoA only this long.
+pub const PEER_MOA_GRACE: Duration = Duration::from_secs(2);
+
 /// The mobility state machine.
 pub struct Mobility {
     cfg: MobilityConfig,
@@ -641,6 +670,9 @@ pub struct Mobility {
     /// The bicast as last queued ([`Action::SetBicast`]).
     bicast: Option<Bicast>,
     peers: BTreeMap<Ipv6Addr, PeerBinding>,
+    /// Peers' MoAs that left their binding, still mapped inbound until the
+    /// deadline ([`PEER_MOA_GRACE`]): peer HoA → MoA → deadline.
+    retiring: BTreeMap<Ipv6Addr, BTreeMap<Ipv6Addr, Instant>>,
     notifies: BTreeMap<u64, (Ipv6Addr, PendingNotify)>,
     next_nonce: u64,
     handover: Option<HandoverProgress>,
@@ -678,6 +710,25 @@ pub fn moa_for(prefix: Ipv6Addr, mac: [u8; 6]) -> Ipv6Addr {
     let mut o = prefix.octets();
     o[8..].copy_from_slice(&eui64(mac));
     Ipv6Addr::from(o)
+}
+
+/// The MAC a MoA was formed from ([`moa_for`]), when its interface
+/// identifier is an EUI-64 one (`ff:fe` in the middle); `None` otherwise.
+pub fn mac_of_moa(moa: Ipv6Addr) -> Option<[u8; 6]> {
+    let o = moa.octets();
+    (o[11] == 0xff && o[12] == 0xfe).then(|| [o[8] ^ 0x02, o[9], o[10], o[13], o[14], o[15]])
+}
+
+/// A peer binding's MoAs, active and standby, sorted, without duplicates.
+fn binding_moas(b: &PeerBinding) -> Vec<Ipv6Addr> {
+    let mut v: Vec<Ipv6Addr> = b
+        .active
+        .into_iter()
+        .chain(b.standby.iter().copied())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 fn is_link_local(a: &Ipv6Addr) -> bool {
@@ -731,6 +782,7 @@ impl Mobility {
             deferred_teardown: None,
             bicast: None,
             peers: BTreeMap::new(),
+            retiring: BTreeMap::new(),
             notifies: BTreeMap::new(),
             handover: None,
             history: VecDeque::new(),
@@ -1235,7 +1287,8 @@ impl Mobility {
         self.activated(s, &a, now, now, kind);
     }
 
-    /// Common tail of every move: NA, IMS activation, handover record.
+    /// Common tail of every move: IMS activation, NA, the announcement to
+    /// the router, handover record.
     fn activated(
         &mut self,
         k: usize,
@@ -1263,6 +1316,12 @@ impl Mobility {
         self.actions.push_back(Action::SendUnsolicitedNa {
             ifindex,
             moa: a.moa,
+            mac,
+        });
+        self.actions.push_back(Action::AnnounceToRouter {
+            ifindex,
+            moa: a.moa,
+            router: a.router,
             mac,
         });
         self.actions.push_back(Action::HandoverDone(record.clone()));
@@ -1773,7 +1832,7 @@ impl Mobility {
     /// A peer binding learned from the IMS (lookup or watch) or from a
     /// notification that verified against the IMS key. Applied only if its
     /// seq is newer than what is held. Returns whether it was applied.
-    pub fn handle_peer_binding(&mut self, hoa: Ipv6Addr, b: PeerBinding) -> bool {
+    pub fn handle_peer_binding(&mut self, hoa: Ipv6Addr, b: PeerBinding, now: Instant) -> bool {
         if hoa == self.cfg.hoa {
             return false;
         }
@@ -1781,33 +1840,53 @@ impl Mobility {
         if old.is_some_and(|o| o.seq >= b.seq) {
             return false;
         }
-        let mut moas: Vec<Ipv6Addr> = b
-            .active
+        let current = binding_moas(&b);
+        let old_active = old.and_then(|o| o.active);
+        // MoAs that just left the binding keep translating for a moment.
+        let left: Vec<Ipv6Addr> = old
+            .map(binding_moas)
+            .unwrap_or_default()
             .into_iter()
-            .chain(b.standby.iter().copied())
+            .filter(|m| !current.contains(m))
             .collect();
+        let retiring = self.retiring.entry(hoa).or_default();
+        retiring.retain(|m, _| !current.contains(m));
+        for m in left {
+            retiring.insert(m, now + PEER_MOA_GRACE);
+        }
+        if retiring.is_empty() {
+            self.retiring.remove(&hoa);
+        }
+        self.peers.insert(hoa, b);
+        self.queue_peer_maps(hoa, old_active, Vec::new());
+        true
+    }
+
+    /// Queues the translation of peer `hoa`: its binding's MoAs and the
+    /// retiring ones inbound, its active MoA outbound; `expired` are the
+    /// MoAs whose grace just ended.
+    fn queue_peer_maps(
+        &mut self,
+        hoa: Ipv6Addr,
+        old_active: Option<Ipv6Addr>,
+        expired: Vec<Ipv6Addr>,
+    ) {
+        let Some(b) = self.peers.get(&hoa) else {
+            return;
+        };
+        let mut moas = binding_moas(b);
+        if let Some(r) = self.retiring.get(&hoa) {
+            moas.extend(r.keys().copied());
+        }
         moas.sort();
         moas.dedup();
-        let (old_moas, old_active) = match old {
-            Some(o) => (
-                o.active
-                    .into_iter()
-                    .chain(o.standby.iter().copied())
-                    .filter(|m| !moas.contains(m))
-                    .collect(),
-                o.active,
-            ),
-            None => (Vec::new(), None),
-        };
         self.actions.push_back(Action::SetPeerMaps {
             hoa,
             active: b.active,
             moas,
-            old_moas,
+            old_moas: expired,
             old_active,
         });
-        self.peers.insert(hoa, b);
-        true
     }
 
     /// A peer's binding was deleted at the IMS: forget it and remove its
@@ -1816,11 +1895,8 @@ impl Mobility {
         let Some(old) = self.peers.remove(&hoa) else {
             return false;
         };
-        let old_moas = old
-            .active
-            .into_iter()
-            .chain(old.standby.iter().copied())
-            .collect();
+        let mut old_moas = binding_moas(&old);
+        old_moas.extend(self.retiring.remove(&hoa).unwrap_or_default().into_keys());
         self.actions.push_back(Action::SetPeerMaps {
             hoa,
             active: None,
@@ -1863,6 +1939,9 @@ impl Mobility {
         for (_, p) in self.notifies.values() {
             min(Some(p.next_try));
         }
+        for r in self.retiring.values() {
+            min(r.values().min().copied());
+        }
         t
     }
 
@@ -1870,6 +1949,26 @@ impl Mobility {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.deferred_teardown.as_ref().is_some_and(|d| d.0 <= now) {
             self.flush_deferred();
+        }
+        let peers: Vec<Ipv6Addr> = self.retiring.keys().copied().collect();
+        for hoa in peers {
+            let Some(r) = self.retiring.get_mut(&hoa) else {
+                continue;
+            };
+            let expired: Vec<Ipv6Addr> = r
+                .iter()
+                .filter(|(_, t)| **t <= now)
+                .map(|(m, _)| *m)
+                .collect();
+            if expired.is_empty() {
+                continue;
+            }
+            r.retain(|_, t| *t > now);
+            if r.is_empty() {
+                self.retiring.remove(&hoa);
+            }
+            let active = self.peers.get(&hoa).and_then(|b| b.active);
+            self.queue_peer_maps(hoa, active, expired);
         }
         if self.promote_at.is_some_and(|t| t <= now) {
             self.promote_at = None;
@@ -2061,6 +2160,15 @@ mod tests {
         ack(&mut m, u[0].seq, c.at(6));
         drain(&mut m);
         m
+    }
+
+    #[test]
+    fn mac_of_moa_inverts_moa_for() {
+        for mac in [MAC1, MAC2, [0xff; 6], [0; 6]] {
+            assert_eq!(mac_of_moa(moa_for(PFX_B, mac)), Some(mac));
+        }
+        assert_eq!(mac_of_moa(HOA), None);
+        assert_eq!(mac_of_moa("2001:db8:b::1:2:3:4".parse().unwrap()), None);
     }
 
     #[test]
@@ -2308,6 +2416,7 @@ mod tests {
                 seq: 5,
                 expires_unix: 0,
             },
+            c.at(0),
         );
         drain(&mut m);
         let sb = moa_for(PFX_B, MAC2);
@@ -2362,6 +2471,14 @@ mod tests {
         assert_eq!(pos(&rm_standby), 2, "{a:?}");
         assert_eq!(ims, 3, "{a:?}");
         assert!(ims < pos(&na));
+        // The router of the new link hears of the MoA from the MoA itself.
+        let announce = Action::AnnounceToRouter {
+            ifindex: 3,
+            moa: sb,
+            router: RTR_B,
+            mac: MAC2,
+        };
+        assert!(pos(&na) < pos(&announce), "{a:?}");
         // The rest of the old attachment is held back (OLD_TEARDOWN_DELAY).
         assert!(!a.contains(&rm), "{a:?}");
         assert!(m
@@ -2439,6 +2556,7 @@ mod tests {
                 seq: 5,
                 expires_unix: 0,
             },
+            c.at(0),
         );
         m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
         let u = updates(&drain(&mut m));
@@ -3069,7 +3187,8 @@ mod tests {
                 standby: vec![sb],
                 seq: 5,
                 expires_unix: 0
-            }
+            },
+            c.at(0)
         ));
         assert_eq!(
             drain(&mut m),
@@ -3088,7 +3207,8 @@ mod tests {
                 standby: vec![],
                 seq: 5,
                 expires_unix: 0
-            }
+            },
+            c.at(0)
         ));
         assert!(drain(&mut m).is_empty());
         assert!(m.handle_peer_binding(
@@ -3098,17 +3218,87 @@ mod tests {
                 standby: vec![],
                 seq: 6,
                 expires_unix: 0
-            }
+            },
+            c.at(0)
         ));
+        // The MoA that left the binding still translates inbound for a
+        // moment (the peer's own source may still be switching), then goes.
         assert_eq!(
             drain(&mut m),
             vec![Action::SetPeerMaps {
                 hoa: PEER,
                 active: Some(sb),
-                moas: vec![sb],
-                old_moas: vec![PEER_MOA],
+                moas: vec![PEER_MOA, sb],
+                old_moas: vec![],
                 old_active: Some(PEER_MOA)
             }]
+        );
+        let grace_end = c.at(0) + PEER_MOA_GRACE;
+        assert!(m.poll_timeout().is_some_and(|t| t <= grace_end));
+        m.handle_timeout(grace_end - Duration::from_millis(1));
+        assert!(!drain(&mut m)
+            .iter()
+            .any(|a| matches!(a, Action::SetPeerMaps { .. })));
+        m.handle_timeout(grace_end);
+        assert_eq!(
+            drain(&mut m)
+                .into_iter()
+                .filter(|a| matches!(a, Action::SetPeerMaps { .. }))
+                .collect::<Vec<_>>(),
+            vec![Action::SetPeerMaps {
+                hoa: PEER,
+                active: Some(sb),
+                moas: vec![sb],
+                old_moas: vec![PEER_MOA],
+                old_active: Some(sb)
+            }]
+        );
+        // A MoA that comes back within its grace is simply current again.
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 7,
+                expires_unix: 0
+            },
+            c.at(5000)
+        ));
+        drain(&mut m);
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(sb),
+                standby: vec![],
+                seq: 8,
+                expires_unix: 0
+            },
+            c.at(5100)
+        ));
+        drain(&mut m);
+        assert!(m.handle_peer_binding(
+            PEER,
+            PeerBinding {
+                active: Some(PEER_MOA),
+                standby: vec![],
+                seq: 9,
+                expires_unix: 0
+            },
+            c.at(5200)
+        ));
+        drain(&mut m);
+        m.handle_timeout(c.at(5100) + PEER_MOA_GRACE);
+        let a = drain(&mut m);
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::SetPeerMaps { old_moas, .. } if old_moas.contains(&PEER_MOA))),
+            "{a:?}"
+        );
+        // Deleting the peer removes the retiring MoAs at once.
+        assert!(m.remove_peer(PEER));
+        let a = drain(&mut m);
+        assert!(
+            a.iter().any(|x| matches!(x, Action::SetPeerMaps { old_moas, .. } if old_moas.contains(&sb) && old_moas.contains(&PEER_MOA))),
+            "{a:?}"
         );
         // Our own HoA is never a peer.
         assert!(!m.handle_peer_binding(
@@ -3118,7 +3308,8 @@ mod tests {
                 standby: vec![],
                 seq: 99,
                 expires_unix: 0
-            }
+            },
+            c.at(0)
         ));
     }
 
@@ -3195,6 +3386,7 @@ mod tests {
                 seq: 5,
                 expires_unix: 0,
             },
+            c.at(0),
         );
         drain(&mut m);
         assert!(m.remove_peer(PEER));
@@ -3217,7 +3409,8 @@ mod tests {
                 standby: vec![],
                 seq: 1,
                 expires_unix: 0
-            }
+            },
+            c.at(0)
         ));
     }
 

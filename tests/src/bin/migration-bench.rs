@@ -477,8 +477,11 @@ fn finish(o: &Opts, ok: Vec<RunResult>, runs_json: Vec<Value>) -> ExitCode {
         "\nsummary: {}",
         serde_json::to_string_pretty(&summary).unwrap_or_default()
     );
-    if let Some(d) = o.out.parent() {
-        let _ = std::fs::create_dir_all(d);
+    for d in [o.out.parent(), o.chart.parent()].into_iter().flatten() {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            eprintln!("migration-bench: mkdir {}: {e}", d.display());
+            return ExitCode::FAILURE;
+        }
     }
     if let Err(e) = std::fs::write(
         &o.out,
