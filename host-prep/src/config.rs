@@ -255,6 +255,15 @@ pub struct MigrationSettings {
     /// Bandwidth cap (bytes/s; QEMU's default is 128 MiB/s in 7.2).
     #[serde(default)]
     pub max_bandwidth_bytes: Option<u64>,
+    /// On a prepared receive, seed the destination gateway's neighbour
+    /// cache with the VM's standby MoA while the migration runs
+    /// ([`crate::neigh`]), so peers' first packets are forwarded at once
+    /// instead of after the gateway's solicitation of the guest. Off by
+    /// default: on the TCG testbed it moves the peers' traffic into the
+    /// guest's slowest moments and the VM's own pings lose what the
+    /// peers' gain (`./bench.sh migration`, host-prep/README.md).
+    #[serde(default)]
+    pub seed_gateway_neighbour: bool,
 }
 
 /// What this host (or a host of that site) has for one site.

@@ -3,9 +3,10 @@
 //! with no uplink), start the incoming QEMU (or use one another tool
 //! started), and on QMP `RESUME` turn the old active NIC's carrier off at
 //! once. A prepared (`swap`) receive with the IMS configured looks up the
-//! VM's standby MoA while the migration runs and seeds the site gateway's
-//! neighbour cache with it ([`crate::neigh`]). With an IMS host token in
-//! the config it also activates that MoA at the IMS right after the
+//! VM's standby MoA while the migration runs (and, with
+//! `migration.seed_gateway_neighbour`, seeds the site gateway's neighbour
+//! cache with it, [`crate::neigh`]). With an IMS host token in the config
+//! it also activates that MoA at the IMS at `RESUME`, side by side with the
 //! carrier switch, on the VM's behalf: the connection is opened and the
 //! MoA looked up while the incoming QEMU starts, so at `RESUME` it is one
 //! request. The guest-agent's own activation follows and resyncs its seq.
@@ -206,17 +207,17 @@ struct Activation {
 }
 
 /// Readies the destination while the migration runs: connects to the IMS,
-/// looks up the VM's standby MoA inside `site`'s prefix, seeds the site
-/// gateway's neighbour cache with it from the real bridge `bridge_ifindex`
-/// ([`crate::neigh`]), and with a host token keeps the connection for the
-/// activation at `RESUME`. `None` when there is nothing to activate (no IMS
-/// or no host token configured); a failed seeding is a warning.
+/// looks up the VM's standby MoA inside `site`'s prefix, with `seed_on`
+/// seeds the site gateway's neighbour cache with it from that real bridge
+/// ([`crate::neigh`]; a failure is a warning), and with a host token keeps
+/// the connection for the activation at `RESUME`. `None` when there is
+/// nothing to activate (no IMS or no host token configured).
 async fn ready_destination(
     settings: Option<ImsSettings>,
     site: String,
     request_timeout: Duration,
     hoa: Ipv6Addr,
-    bridge_ifindex: u32,
+    seed_on: Option<u32>,
 ) -> Result<Option<Activation>, ImsError> {
     let Some(settings) = settings else {
         return Ok(None);
@@ -228,12 +229,14 @@ async fn ready_destination(
     let reg = ImsRegistry::connect(Some(&settings), request_timeout).await?;
     let info = reg.site(&site).await?;
     let moa = reg.standby_moa(hoa, info.prefix).await?;
-    match neigh::seed_gateway(bridge_ifindex, &info, moa).await {
-        Ok(()) => {
-            tracing::info!(%moa, gateway = %info.gateway_ll, "gateway neighbour cache seeded with the standby MoA")
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, %moa, "gateway neighbour cache not seeded (its first packets for the VM wait for neighbour discovery)")
+    if let Some(ifindex) = seed_on {
+        match neigh::seed_gateway(ifindex, &info, moa).await {
+            Ok(()) => {
+                tracing::info!(%moa, gateway = %info.gateway_ll, "gateway neighbour cache seeded with the standby MoA")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %moa, "gateway neighbour cache not seeded (its first packets for the VM wait for neighbour discovery)")
+            }
         }
     }
     let Some(token) = token else {
@@ -369,7 +372,10 @@ pub async fn receive(
             host.site.clone(),
             host.cfg.timeouts.ims(),
             vm.hoa,
-            bridge_ifindex,
+            host.cfg
+                .migration
+                .seed_gateway_neighbour
+                .then_some(bridge_ifindex),
         )))
     });
     let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
