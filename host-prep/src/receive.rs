@@ -319,11 +319,17 @@ pub async fn receive(
     let attached = async {
         ensure_tap(&nl, up, &local.bridge, !opts.existing).await?;
         ensure_tap(&nl, down, &standby_bridge, !opts.existing).await?;
-        Ok::<_, Error>(nl.link_by_name(&local.bridge).await?.ifindex)
+        // The real bridge's index, only when the gateway seeding needs it.
+        let seed = opts.attach == Attach::Swap && host.cfg.migration.seed_gateway_neighbour;
+        if seed {
+            Ok::<_, Error>(Some(nl.link_by_name(&local.bridge).await?.ifindex))
+        } else {
+            Ok(None)
+        }
     }
     .await;
     nl_task.abort();
-    let bridge_ifindex = attached?;
+    let seed_on = attached?;
 
     let mut guard = QemuGuard(None);
     if !opts.existing {
@@ -372,10 +378,7 @@ pub async fn receive(
             host.site.clone(),
             host.cfg.timeouts.ims(),
             vm.hoa,
-            host.cfg
-                .migration
-                .seed_gateway_neighbour
-                .then_some(bridge_ifindex),
+            seed_on,
         )))
     });
     let mut qmp = Qmp::connect_retry(&qmp_path, host.cfg.timeouts.start()).await?;
