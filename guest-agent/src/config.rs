@@ -180,6 +180,21 @@ pub struct DaemonConfig {
     /// it off when the secondary is a live link of its own.
     #[serde(default)]
     pub standby_bicast: bool,
+    /// With the bicast on, how long the switch waits after a carrier loss
+    /// that arrives with a hypervisor announce (a live migration whose
+    /// destination cut the old NIC: host-prep, which also activates the
+    /// standby at the IMS at resume), milliseconds. The copies carry the
+    /// traffic meanwhile; the just-resumed guest's vCPU goes to the
+    /// packets first. 0 switches at once.
+    #[serde(default = "default_migration_switch_delay")]
+    pub migration_switch_delay_ms: u64,
+    /// The agent's nice value while the bicast is on (0..=19; 0 leaves
+    /// the priority alone). Right after a migration the copies carry the
+    /// traffic and a just-resumed guest is slow: the packets get its CPU
+    /// before the agent's switch work. Restoring the priority afterwards
+    /// needs CAP_SYS_NICE.
+    #[serde(default = "default_bicast_nice")]
+    pub bicast_nice: i32,
     /// After a link event, probe the gateways of the IMS site registry
     /// (one Neighbor Solicitation each) and take a gateway's answer as
     /// that site's RA: an unprepared move then forms its MoA one round
@@ -204,6 +219,8 @@ impl Default for DaemonConfig {
             standby_metric: default_standby_metric(),
             rs_interval_ms: default_rs_interval(),
             standby_bicast: false,
+            migration_switch_delay_ms: default_migration_switch_delay(),
+            bicast_nice: default_bicast_nice(),
             site_probe: true,
         }
     }
@@ -226,6 +243,12 @@ fn default_standby_metric() -> u32 {
 }
 fn default_rs_interval() -> u64 {
     250
+}
+fn default_migration_switch_delay() -> u64 {
+    300
+}
+fn default_bicast_nice() -> i32 {
+    19
 }
 
 impl AgentConfig {
@@ -298,6 +321,16 @@ impl AgentConfig {
         if self.agent.active_metric >= self.agent.standby_metric {
             return Err(ConfigError::Invalid(
                 "agent.active_metric must be lower than agent.standby_metric",
+            ));
+        }
+        if self.agent.migration_switch_delay_ms > 5_000 {
+            return Err(ConfigError::Invalid(
+                "agent.migration_switch_delay_ms must be at most 5000 (the IMS activation and peer notifications wait for it)",
+            ));
+        }
+        if !(0..=19).contains(&self.agent.bicast_nice) {
+            return Err(ConfigError::Invalid(
+                "agent.bicast_nice must be within 0..=19",
             ));
         }
         if self.agent.rs_interval_ms == 0 {
@@ -446,6 +479,30 @@ prefixes = ["2001:db8:fe::/64"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("home"), "{e}");
+    }
+
+    #[test]
+    fn switch_delay_and_bicast_nice_defaults_and_bounds() {
+        let c = AgentConfig::from_toml(&sample()).unwrap();
+        assert_eq!(c.agent.migration_switch_delay_ms, 300);
+        let with = |v: u64| format!("{}\n[agent]\nmigration_switch_delay_ms = {v}\n", sample());
+        assert_eq!(
+            AgentConfig::from_toml(&with(0))
+                .unwrap()
+                .agent
+                .migration_switch_delay_ms,
+            0
+        );
+        let e = AgentConfig::from_toml(&with(60_000)).unwrap_err();
+        assert!(e.to_string().contains("migration_switch_delay_ms"), "{e}");
+        assert_eq!(c.agent.bicast_nice, 19);
+        let nice = |v: i32| format!("{}\n[agent]\nbicast_nice = {v}\n", sample());
+        assert_eq!(
+            AgentConfig::from_toml(&nice(0)).unwrap().agent.bicast_nice,
+            0
+        );
+        let e = AgentConfig::from_toml(&nice(-5)).unwrap_err();
+        assert!(e.to_string().contains("bicast_nice"), "{e}");
     }
 
     #[test]

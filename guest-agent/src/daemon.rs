@@ -23,6 +23,7 @@ use mat6_net::netlink::{
     AddrSpec, EventGroups, NeighState, NetEvent, NetEvents, Netlink, NetlinkError, Route6,
 };
 use mat6_net::nft::{self as nftx, NftError, NftSession};
+use mat6_net::prio;
 use mat6_net::sysctl::{self, Ipv6Key, SysctlError};
 use mat6_proto::mobility::{
     self, Action, IfaceConfig, IfaceState, LinkEvent, Mobility, MobilityConfig, NaInput,
@@ -109,6 +110,9 @@ struct Agent {
     ims_sock: Arc<UdpSocket>,
     notify_sock: Arc<UdpSocket>,
     started: Instant,
+    /// The nice value the agent started with, while `agent.bicast_nice`
+    /// holds it lowered (see [`Agent::set_bicast_priority`]).
+    lowered_from: Option<i32>,
 }
 
 fn unix_now() -> u64 {
@@ -492,6 +496,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         active_metric: cfg.agent.active_metric,
         standby_metric: cfg.agent.standby_metric,
         standby_bicast: cfg.agent.standby_bicast,
+        migration_switch_delay: std::time::Duration::from_millis(
+            cfg.agent.migration_switch_delay_ms,
+        ),
         rs_interval: std::time::Duration::from_millis(cfg.agent.rs_interval_ms),
         ..Timers::default()
     };
@@ -520,6 +527,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         ims_sock,
         notify_sock,
         started: Instant::now(),
+        lowered_from: None,
     };
 
     // Current link state.
@@ -617,6 +625,51 @@ fn action_name(a: &Action) -> &'static str {
 }
 
 impl Agent {
+    /// While the bicast is on, the agent (every thread and its `nft -i`
+    /// child) runs at `agent.bicast_nice`: the copies carry the data path
+    /// and host-prep activates the standby at the IMS, so right after a
+    /// migration nothing waits for the agent, and a just-resumed TCG guest
+    /// (empty translation cache: every code path is slow the first time)
+    /// gives its vCPU to the packets first. Restored when the bicast ends.
+    fn set_bicast_priority(&mut self, on: bool) {
+        let want = self.cfg.agent.bicast_nice;
+        if on && want != 0 && self.lowered_from.is_none() {
+            let base = match prio::own_nice() {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the agent's nice value; priority unchanged");
+                    return;
+                }
+            };
+            if want <= base {
+                return;
+            }
+            if let Err(e) = self.renice(want) {
+                tracing::warn!(error = %e, nice = want, "cannot lower the agent's CPU priority");
+                return;
+            }
+            self.lowered_from = Some(base);
+            tracing::info!(nice = want, "CPU priority lowered while the bicast is on");
+        } else if !on {
+            if let Some(base) = self.lowered_from.take() {
+                match self.renice(base) {
+                    Ok(()) => tracing::info!(nice = base, "CPU priority restored"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, nice = base, "cannot restore the agent's CPU priority (needs CAP_SYS_NICE)")
+                    }
+                }
+            }
+        }
+    }
+
+    fn renice(&self, nice: i32) -> std::io::Result<()> {
+        prio::set_own_nice(nice)?;
+        if let Some(pid) = self.nft.pid() {
+            prio::set_nice(pid, nice)?;
+        }
+        Ok(())
+    }
+
     async fn handle(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
@@ -640,8 +693,12 @@ impl Agent {
                         up = cur.carrier && cur.admin_up;
                     }
                 }
+                // Carrier off in an announce: a migration and the
+                // destination's switch (the bicast may let it wait).
                 let e = if up {
                     LinkEvent::CarrierUp
+                } else if l.notify_peers {
+                    LinkEvent::CarrierDownAnnounced
                 } else {
                     LinkEvent::CarrierDown
                 };
@@ -742,6 +799,11 @@ impl Agent {
             "gateway_probe_hits",
             "Probe answers that identified a registered site.",
             c.gateway_probe_hits,
+        );
+        counter(
+            "switches_held",
+            "Announced carrier losses whose switch waited migration_switch_delay_ms.",
+            c.switches_held,
         );
         counter(
             "notifies_given_up",
@@ -925,6 +987,7 @@ impl Agent {
                         .map(|b| (b.from_ifname.as_str(), b.to_ifname.as_str(), b.via)),
                 );
                 self.nft_run(&s).await?;
+                self.set_bicast_priority(b.is_some());
                 match b {
                     Some(b) => {
                         tracing::info!(from = %b.from_ifname, to = %b.to_ifname, via = %b.via, "bicast to the standby link on")

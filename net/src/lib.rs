@@ -7,4 +7,5 @@ pub mod bridge;
 pub mod icmp6;
 pub mod netlink;
 pub mod nft;
+pub mod prio;
 pub mod sysctl;

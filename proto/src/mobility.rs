@@ -99,6 +99,16 @@ pub struct Timers {
     /// right link, before the guest-agent runs at all. Off for a standby on
     /// a live link (peers would get every packet twice).
     pub standby_bicast: bool,
+    /// How long an *announced* carrier loss of the active link
+    /// ([`LinkEvent::CarrierDownAnnounced`]: a live migration moved the VM
+    /// and host-prep cut this NIC) waits before the switch, when the bicast
+    /// already carries the traffic through the standby. host-prep
+    /// activates the prepared standby at the IMS on the VM's behalf at
+    /// resume, so nothing on the data path waits for the agent; its own
+    /// switch work (IMS activation, NA, peer notifications, then the route
+    /// and translation changes) would only compete for the just-resumed
+    /// guest's one vCPU with the packets. Zero switches at once.
+    pub migration_switch_delay: Duration,
 }
 
 impl Default for Timers {
@@ -115,6 +125,7 @@ impl Default for Timers {
             active_metric: 100,
             standby_metric: 200,
             standby_bicast: false,
+            migration_switch_delay: Duration::from_millis(300),
         }
     }
 }
@@ -148,6 +159,13 @@ pub enum LinkEvent {
     CarrierUp,
     /// Carrier lost (or link down).
     CarrierDown,
+    /// Carrier lost, reported together with a hypervisor announce
+    /// (`IFLA_EVENT_NOTIFY_PEERS`): a live migration moved the VM and the
+    /// destination cut this NIC (host-prep's switch). Like
+    /// [`LinkEvent::CarrierDown`], except that with the bicast on, the
+    /// switch from the active link waits
+    /// [`Timers::migration_switch_delay`].
+    CarrierDownAnnounced,
     /// `IFLA_EVENT_NOTIFY_PEERS`: a hypervisor announced the VM after a
     /// migration; the link may now be somewhere else.
     NotifyPeers,
@@ -588,6 +606,9 @@ pub struct Counters {
     pub gateway_probes: u64,
     /// Probe answers that identified a registered site.
     pub gateway_probe_hits: u64,
+    /// Announced carrier losses whose switch was held back
+    /// ([`Timers::migration_switch_delay`]).
+    pub switches_held: u64,
 }
 
 /// A snapshot for `guest-agent status`.
@@ -667,6 +688,9 @@ pub struct Mobility {
     /// that it does not compete with the data path for the just-migrated
     /// guest's CPU. Interface index and actions.
     deferred_teardown: Option<(Instant, usize, Vec<Action>)>,
+    /// An announced carrier loss of the active link, held back
+    /// ([`Timers::migration_switch_delay`]).
+    pending_down: Option<PendingDown>,
     /// The bicast as last queued ([`Action::SetBicast`]).
     bicast: Option<Bicast>,
     peers: BTreeMap<Ipv6Addr, PeerBinding>,
@@ -679,6 +703,18 @@ pub struct Mobility {
     history: VecDeque<Handover>,
     counters: Counters,
     actions: VecDeque<Action>,
+}
+
+/// A held-back carrier loss of the active link.
+#[derive(Clone, Copy, Debug)]
+struct PendingDown {
+    /// When the switch runs.
+    due: Instant,
+    /// The interface (index into `ifaces`).
+    k: usize,
+    /// The carrier last reported for it since: a carrier that came back
+    /// is handled as a new link-up once the switch has run.
+    carrier: bool,
 }
 
 impl std::fmt::Debug for Mobility {
@@ -780,6 +816,7 @@ impl Mobility {
             refresh_at: None,
             promote_at: None,
             deferred_teardown: None,
+            pending_down: None,
             bicast: None,
             peers: BTreeMap::new(),
             retiring: BTreeMap::new(),
@@ -965,16 +1002,35 @@ impl Mobility {
         let Some(k) = self.idx(ifindex) else { return };
         match ev {
             LinkEvent::CarrierUp => {
-                if matches!(self.ifaces[k].state, IfaceState::Down) {
-                    self.ifaces[k].state = IfaceState::Unconfigured {
-                        rs_sent: 0,
-                        next_rs: Some(now),
-                    };
-                    self.solicit(k, now);
-                    self.probe_gateways(k, now);
+                // Link events for a held-back carrier loss (the migration's
+                // announce rounds also report stale carrier states) only
+                // update what happens after the switch.
+                if let Some(p) = self.pending_down.as_mut().filter(|p| p.k == k) {
+                    p.carrier = true;
+                    return;
                 }
+                self.carrier_up(k, now);
             }
-            LinkEvent::CarrierDown => {
+            LinkEvent::CarrierDown | LinkEvent::CarrierDownAnnounced => {
+                if let Some(p) = self.pending_down.as_mut().filter(|p| p.k == k) {
+                    p.carrier = false;
+                    return;
+                }
+                let delay = self.cfg.timers.migration_switch_delay;
+                if ev == LinkEvent::CarrierDownAnnounced
+                    && !delay.is_zero()
+                    && self.bicast.is_some()
+                    && matches!(self.ifaces[k].state, IfaceState::Active(_))
+                    && self.standby_idx().is_some()
+                {
+                    self.counters.switches_held += 1;
+                    self.pending_down = Some(PendingDown {
+                        due: now + delay,
+                        k,
+                        carrier: false,
+                    });
+                    return;
+                }
                 self.ifaces[k].notified_at = None;
                 self.carrier_down(k, now);
             }
@@ -986,9 +1042,11 @@ impl Mobility {
                 // hold-off is enough, and a just-resumed guest has better
                 // use for its CPU.
                 for j in 0..self.ifaces.len() {
+                    // A link whose carrier loss is held back has no carrier.
                     if self.ifaces[j]
                         .notified_at
                         .is_some_and(|t| now < t + Self::NOTIFY_HOLDOFF)
+                        || self.pending_down.is_some_and(|p| p.k == j)
                     {
                         continue;
                     }
@@ -1019,6 +1077,31 @@ impl Mobility {
                     }
                 }
             }
+        }
+    }
+
+    /// Carrier on interface `k`: a link that was down starts soliciting.
+    fn carrier_up(&mut self, k: usize, now: Instant) {
+        if matches!(self.ifaces[k].state, IfaceState::Down) {
+            self.ifaces[k].state = IfaceState::Unconfigured {
+                rs_sent: 0,
+                next_rs: Some(now),
+            };
+            self.solicit(k, now);
+            self.probe_gateways(k, now);
+        }
+    }
+
+    /// Runs a held-back carrier loss: the switch, then a link-up if the
+    /// carrier came back meanwhile.
+    fn run_pending_down(&mut self, now: Instant) {
+        let Some(p) = self.pending_down.take() else {
+            return;
+        };
+        self.ifaces[p.k].notified_at = None;
+        self.carrier_down(p.k, now);
+        if p.carrier {
+            self.carrier_up(p.k, now);
         }
     }
 
@@ -1337,6 +1420,7 @@ impl Mobility {
     /// forgets pending IMS updates and notifications. The binding at the IMS
     /// is left to expire (a restart re-registers with a newer seq).
     pub fn shutdown(&mut self) {
+        self.pending_down = None;
         self.flush_deferred();
         for k in 0..self.ifaces.len() {
             let old = std::mem::replace(&mut self.ifaces[k].state, IfaceState::Down);
@@ -1931,6 +2015,7 @@ impl Mobility {
         }
         min(self.promote_at);
         min(self.deferred_teardown.as_ref().map(|d| d.0));
+        min(self.pending_down.map(|p| p.due));
         if let Registration::Pending { client, .. } = &self.registration {
             min(client.poll_timeout());
         } else {
@@ -1947,6 +2032,9 @@ impl Mobility {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.pending_down.is_some_and(|p| p.due <= now) {
+            self.run_pending_down(now);
+        }
         if self.deferred_teardown.as_ref().is_some_and(|d| d.0 <= now) {
             self.flush_deferred();
         }
@@ -2387,6 +2475,126 @@ mod tests {
         // Losing the standby clears it too.
         m.handle_link(2, LinkEvent::CarrierDown, c.at(3000));
         assert_eq!(drain(&mut m).last(), Some(&Action::SetBicast(None)));
+    }
+
+    /// Active on eth0 (site A), standby on eth1 (site B), bicast on.
+    fn with_bicast_standby(c: &Clock, delay: Duration) -> Mobility {
+        let mut cf = cfg(vec![]);
+        cf.timers.standby_bicast = true;
+        cf.timers.migration_switch_delay = delay;
+        let mut m = Mobility::new(cf);
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(0));
+        m.handle_ra(2, &ra(RTR_A, PFX_A, 1800), c.at(5));
+        let a = drain(&mut m);
+        ack(&mut m, updates(&a)[0].seq, c.at(6));
+        drain(&mut m);
+        m.handle_link(3, LinkEvent::CarrierUp, c.at(100));
+        m.handle_ra(3, &ra(RTR_B, PFX_B, 1800), c.at(101));
+        let a = drain(&mut m);
+        assert!(a.iter().any(|x| matches!(x, Action::SetBicast(Some(_)))));
+        ack(&mut m, updates(&a)[0].seq, c.at(102));
+        drain(&mut m);
+        m
+    }
+
+    #[test]
+    fn announced_carrier_loss_switches_after_the_delay() {
+        let c = Clock(Instant::now());
+        let delay = Duration::from_millis(300);
+        let mut m = with_bicast_standby(&c, delay);
+        let (ma, mb) = (moa_for(PFX_A, MAC1), moa_for(PFX_B, MAC2));
+        // The migration's switch: nothing leaves yet, eth0 stays active.
+        m.handle_link(2, LinkEvent::CarrierDownAnnounced, c.at(1000));
+        assert_eq!(drain(&mut m), vec![]);
+        assert_eq!(m.active_moa(), Some(ma));
+        assert_eq!(m.counters().switches_held, 1);
+        assert_eq!(m.poll_timeout(), Some(c.at(1300)));
+        // The announce rounds' other events: no solicitation on the dead
+        // link, and a stale carrier-up then -down changes nothing.
+        m.handle_link(2, LinkEvent::NotifyPeers, c.at(1001));
+        let a = drain(&mut m);
+        assert!(
+            !a.iter().any(|x| matches!(
+                x,
+                Action::SendRs { ifindex: 2 } | Action::ProbeGateways { ifindex: 2, .. }
+            )),
+            "{a:?}"
+        );
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(1002));
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1003));
+        assert_eq!(drain(&mut m), vec![]);
+        m.handle_timeout(c.at(1299));
+        assert_eq!(drain(&mut m), vec![]);
+        // Then the switch, as for a plain carrier loss.
+        m.handle_timeout(c.at(1300));
+        let a = drain(&mut m);
+        let u = updates(&a);
+        assert!(
+            u.len() == 1 && u[0].activate && u[0].active == Some(mb),
+            "{a:?}"
+        );
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::SendUnsolicitedNa { ifindex: 3, .. })));
+        assert_eq!(m.active_moa(), Some(mb));
+        assert!(matches!(m.iface_state(2), Some(IfaceState::Down)));
+        // The held-back teardown follows, OLD_TEARDOWN_DELAY later.
+        m.handle_timeout(c.at(1300) + OLD_TEARDOWN_DELAY);
+        let a = drain(&mut m);
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::RemoveMoa { ifindex: 2, moa, .. } if *moa == ma)),
+            "{a:?}"
+        );
+        assert_eq!(a.last(), Some(&Action::SetBicast(None)), "{a:?}");
+    }
+
+    #[test]
+    fn announced_carrier_loss_is_immediate_without_bicast_or_delay() {
+        let c = Clock(Instant::now());
+        // No bicast: the routes must move now.
+        let mut m = with_standby(&c);
+        m.handle_link(2, LinkEvent::CarrierDownAnnounced, c.at(1000));
+        let u = updates(&drain(&mut m));
+        assert!(u.len() == 1 && u[0].activate, "{u:?}");
+        assert_eq!(m.counters().switches_held, 0);
+        // Bicast, but a zero delay.
+        let mut m = with_bicast_standby(&c, Duration::ZERO);
+        m.handle_link(2, LinkEvent::CarrierDownAnnounced, c.at(1000));
+        let u = updates(&drain(&mut m));
+        assert!(u.len() == 1 && u[0].activate, "{u:?}");
+        // Bicast and a delay, but a plain carrier loss (no announce).
+        let mut m = with_bicast_standby(&c, Duration::from_millis(300));
+        m.handle_link(2, LinkEvent::CarrierDown, c.at(1000));
+        let u = updates(&drain(&mut m));
+        assert!(u.len() == 1 && u[0].activate, "{u:?}");
+    }
+
+    #[test]
+    fn carrier_back_during_the_delay_solicits_after_the_switch() {
+        let c = Clock(Instant::now());
+        let mut m = with_bicast_standby(&c, Duration::from_millis(300));
+        m.handle_link(2, LinkEvent::CarrierDownAnnounced, c.at(1000));
+        m.handle_link(2, LinkEvent::CarrierUp, c.at(1100));
+        assert_eq!(drain(&mut m), vec![]);
+        m.handle_timeout(c.at(1300));
+        let a = drain(&mut m);
+        assert_eq!(m.active_moa(), Some(moa_for(PFX_B, MAC2)));
+        assert!(a.contains(&Action::SendRs { ifindex: 2 }), "{a:?}");
+        assert!(matches!(
+            m.iface_state(2),
+            Some(IfaceState::Unconfigured { .. })
+        ));
+        // A shutdown during the delay removes the still-active attachment.
+        let mut m = with_bicast_standby(&c, Duration::from_millis(300));
+        m.handle_link(2, LinkEvent::CarrierDownAnnounced, c.at(1000));
+        m.shutdown();
+        let a = drain(&mut m);
+        assert!(
+            a.iter().any(|x| matches!(x, Action::RemoveMoa { ifindex: 2, moa, .. } if *moa == moa_for(PFX_A, MAC1))),
+            "{a:?}"
+        );
+        assert_eq!(m.poll_timeout(), None);
     }
 
     #[test]

@@ -1059,6 +1059,12 @@ fn agent_toml(
     t.push_str(&format!(
         "[peers]\nprefixes = [\"2001:db8:ff::/64\"]\n[agent]\nstatus_socket = \"{sock}\"\nstandby_bicast = {bicast}\nsite_probe = {probe}\n"
     ));
+    // MAT6_AGENT_EXTRA: more `[agent]` keys for A/B runs, one per line
+    // (a literal `\n` separates lines too), e.g. `bicast_nice = 0`.
+    if let Ok(extra) = std::env::var("MAT6_AGENT_EXTRA") {
+        t.push_str(&extra.replace("\\n", "\n"));
+        t.push('\n');
+    }
     t
 }
 
@@ -1224,6 +1230,15 @@ impl Testbed {
             taps[0],
             taps[1]
         );
+        // MAT6_HOST_PREP_EXTRA: more TOML at the end of host-prep's
+        // configuration for A/B runs (a literal `\n` separates lines), e.g.
+        // `[migration]\nseed_gateway_neighbour = true`.
+        let mut hp_cfg = hp_cfg;
+        if let Ok(extra) = std::env::var("MAT6_HOST_PREP_EXTRA") {
+            hp_cfg.push('\n');
+            hp_cfg.push_str(&extra.replace("\\n", "\n"));
+            hp_cfg.push('\n');
+        }
         write_file(&d, "host-prep.toml", &hp_cfg)?;
         self.mat6 = Some(Mat6Stack {
             bins: bins.clone(),
