@@ -684,7 +684,9 @@ pub struct Mobility {
     /// secondary's standby.
     promote_at: Option<Instant>,
     /// After a move: the old attachment's removal (neighbour, translation,
-    /// MoA; its routes are gone already), held back until the deadline so
+    /// MoA; its routes are gone already), or after a renumbering to a
+    /// prepared MoA the source rewrite and the old MoA's removal, held back
+    /// until the deadline so
     /// that it does not compete with the data path for the just-migrated
     /// guest's CPU. Interface index and actions.
     deferred_teardown: Option<(Instant, usize, Vec<Action>)>,
@@ -1668,22 +1670,31 @@ impl Mobility {
         // nft transaction, slow in a just-resumed guest.
         let early = self.prepared_moas.binary_search(&a.moa).is_ok();
         self.ifaces[k].state = IfaceState::Active(a.clone());
+        let source = [
+            Action::SetOwnSource {
+                ifindex: cfg.ifindex,
+                ifname: cfg.name.clone(),
+                moa: a.moa,
+            },
+            Action::RemoveMoa {
+                ifindex: cfg.ifindex,
+                moa: old.moa,
+                prefix_len: old.prefix_len,
+            },
+        ];
         if early {
             self.activated(k, &a, now, now, HandoverKind::Renumbered);
+            // The source rewrite and the old MoA's removal wait
+            // OLD_TEARDOWN_DELAY: peers keep translating the old MoA for
+            // PEER_MOA_GRACE, and the nft run would take the just-resumed
+            // guest's CPU just when the peers' first packets to the new
+            // MoA arrive.
+            self.flush_deferred();
+            self.deferred_teardown = Some((now + OLD_TEARDOWN_DELAY, k, source.to_vec()));
+            return;
         }
-        self.actions.push_back(Action::SetOwnSource {
-            ifindex: cfg.ifindex,
-            ifname: cfg.name.clone(),
-            moa: a.moa,
-        });
-        self.actions.push_back(Action::RemoveMoa {
-            ifindex: cfg.ifindex,
-            moa: old.moa,
-            prefix_len: old.prefix_len,
-        });
-        if !early {
-            self.activated(k, &a, now, now, HandoverKind::Renumbered);
-        }
+        self.actions.extend(source);
+        self.activated(k, &a, now, now, HandoverKind::Renumbered);
     }
 
     /// The router of interface `k` is unreachable (lifetime ran out or it
@@ -2990,15 +3001,33 @@ mod tests {
         assert_eq!(m.active_moa(), Some(new));
         assert_eq!(m.counters().gateway_probe_hits, 2);
         // B's MoA was prepared in own_moas: the activation does not wait
-        // for the translation update.
-        let pos = |f: &dyn Fn(&Action) -> bool| a.iter().position(f).unwrap();
+        // for the translation update, which comes OLD_TEARDOWN_DELAY later
+        // (peers translate the old MoA meanwhile), with the old MoA's
+        // removal.
         assert!(
-            pos(&|x| matches!(x, Action::SendImsUpdate(_)))
-                < pos(&|x| matches!(x, Action::SetOwnSource { .. }))
+            !a.iter()
+                .any(|x| matches!(x, Action::SetOwnSource { .. } | Action::RemoveMoa { .. })),
+            "{a:?}"
         );
-        // The site's own RA then refreshes without any action.
         ack(&mut m, u[0].seq, c.at(10_003));
         drain(&mut m);
+        m.handle_timeout(c.at(10_002) + OLD_TEARDOWN_DELAY);
+        assert_eq!(
+            drain(&mut m),
+            vec![
+                Action::SetOwnSource {
+                    ifindex: 2,
+                    ifname: "eth0".into(),
+                    moa: new
+                },
+                Action::RemoveMoa {
+                    ifindex: 2,
+                    moa: moa_for(PFX_A, MAC1),
+                    prefix_len: 64
+                }
+            ]
+        );
+        // The site's own RA then refreshes without any action.
         m.handle_ra(
             2,
             &RaInput {
