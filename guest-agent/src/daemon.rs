@@ -682,15 +682,23 @@ impl Agent {
                 // announce-self after `set_link off`) can be sent in the
                 // same config-change run just before the driver turns the
                 // carrier off, so it says "up". For the active link, ask
-                // the kernel for the carrier now: the switch then waits
+                // the kernel for the carrier now (sysfs: far less code to
+                // run in a just-resumed guest than a netlink request;
+                // netlink if sysfs cannot answer): the switch then waits
                 // neither for the next announce nor for linkwatch (which
                 // defers a carrier-off by up to 1 s).
                 if up
                     && l.notify_peers
                     && matches!(self.m.iface_state(l.ifindex), Some(IfaceState::Active(_)))
                 {
-                    if let Ok(cur) = self.nl.link_by_index(l.ifindex).await {
-                        up = cur.carrier && cur.admin_up;
+                    let name = self.ifaces.get(&l.ifindex).map(|i| i.cfg.name.as_str());
+                    match name.and_then(|n| mat6_net::netlink::sysfs_carrier(n, l.ifindex)) {
+                        Some(c) => up = c,
+                        None => {
+                            if let Ok(cur) = self.nl.link_by_index(l.ifindex).await {
+                                up = cur.carrier && cur.admin_up;
+                            }
+                        }
                     }
                 }
                 // Carrier off in an announce: a migration and the
