@@ -784,6 +784,7 @@ mod sys {
     use std::io;
     use std::os::fd::AsRawFd;
 
+    use nix::errno::Errno;
     use nix::libc;
     use socket2::Socket;
     use tokio::io::unix::AsyncFd;
@@ -816,11 +817,7 @@ mod sys {
                 len,
             )
         };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        Errno::result(r).map(drop).map_err(io::Error::from)
     }
 }
 

@@ -74,17 +74,14 @@ mod sys {
     #![allow(unsafe_code)]
     use std::io;
 
+    use nix::errno::Errno;
     use nix::libc;
 
     pub(super) fn set_nice(pid: u32, nice: i32) -> io::Result<()> {
         // SAFETY: setpriority takes plain integers and touches no memory of
         // ours; an invalid pid or value is reported through errno.
         let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        Errno::result(r).map(drop).map_err(io::Error::from)
     }
 }
 

@@ -1033,7 +1033,6 @@ impl Mobility {
                     });
                     return;
                 }
-                self.ifaces[k].notified_at = None;
                 self.carrier_down(k, now);
             }
             LinkEvent::NotifyPeers => {
@@ -1100,7 +1099,6 @@ impl Mobility {
         let Some(p) = self.pending_down.take() else {
             return;
         };
-        self.ifaces[p.k].notified_at = None;
         self.carrier_down(p.k, now);
         if p.carrier {
             self.carrier_up(p.k, now);
@@ -1210,7 +1208,9 @@ impl Mobility {
         }
     }
 
+    /// Carrier lost on interface `k` (its notify hold-off ends with it).
     fn carrier_down(&mut self, k: usize, now: Instant) {
+        self.ifaces[k].notified_at = None;
         let old = std::mem::replace(&mut self.ifaces[k].state, IfaceState::Down);
         match old {
             IfaceState::Down | IfaceState::Unconfigured { .. } => {}

@@ -1061,11 +1061,17 @@ fn agent_toml(
     ));
     // MAT6_AGENT_EXTRA: more `[agent]` keys for A/B runs, one per line
     // (a literal `\n` separates lines too), e.g. `bicast_nice = 0`.
-    if let Ok(extra) = std::env::var("MAT6_AGENT_EXTRA") {
-        t.push_str(&extra.replace("\\n", "\n"));
-        t.push('\n');
-    }
+    t.push_str(&env_toml_extra("MAT6_AGENT_EXTRA"));
     t
+}
+
+/// Extra TOML for A/B runs from environment variable `var` (a literal `\n`
+/// separates lines too), on lines of its own; empty when unset.
+fn env_toml_extra(var: &str) -> String {
+    std::env::var(var).map_or_else(
+        |_| String::new(),
+        |extra| format!("\n{}\n", extra.replace("\\n", "\n")),
+    )
 }
 
 impl Testbed {
@@ -1233,12 +1239,7 @@ impl Testbed {
         // MAT6_HOST_PREP_EXTRA: more TOML at the end of host-prep's
         // configuration for A/B runs (a literal `\n` separates lines), e.g.
         // `[migration]\nseed_gateway_neighbour = true`.
-        let mut hp_cfg = hp_cfg;
-        if let Ok(extra) = std::env::var("MAT6_HOST_PREP_EXTRA") {
-            hp_cfg.push('\n');
-            hp_cfg.push_str(&extra.replace("\\n", "\n"));
-            hp_cfg.push('\n');
-        }
+        let hp_cfg = hp_cfg + &env_toml_extra("MAT6_HOST_PREP_EXTRA");
         write_file(&d, "host-prep.toml", &hp_cfg)?;
         self.mat6 = Some(Mat6Stack {
             bins: bins.clone(),
